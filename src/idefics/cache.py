@@ -1,0 +1,91 @@
+"""Caches for decoding: self-attention K/V per decoder layer, image K/V per gated cross-attention layer.
+
+The self-attention cache is one preallocated buffer per K and V with layout (layers, b, h, capacity, hd); a forward
+writes its new positions in place and attends over the filled prefix. The image cache holds each gated layer's
+projected (and, with `qk_layer_norms`, normalised) image keys and values, computed once per request.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    """Self-attention keys and values for every decoder layer, updated in place."""
+
+    def __init__(
+        self,
+        *,
+        num_layers: int,
+        batch_size: int,
+        num_heads: int,
+        head_dim: int,
+        capacity: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ):
+        shape = (num_layers, batch_size, num_heads, capacity, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)  # (L, b, h, T, hd)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.length = 0  # positions filled, identical for every layer and row
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[3]
+
+    def _grow(self, needed: int) -> None:
+        capacity = max(needed, 2 * self.capacity)
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = old.new_zeros((*old.shape[:3], capacity, old.shape[4]))
+            new[:, :, :, : self.length] = old[:, :, :, : self.length]
+            setattr(self, name, new)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (b, h, t, hd) after the filled prefix; return this layer's (b, h, length + t, hd) views."""
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.capacity:
+            self._grow(end)
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, t: int) -> None:
+        """Mark t more positions as filled; called once per forward, after every layer wrote them."""
+        self.length += t
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Reorder the batch rows in place (beam search): row i becomes old row index[i]."""
+        self.k.copy_(self.k.index_select(1, index))
+        self.v.copy_(self.v.index_select(1, index))
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+
+class IdeficsCache:
+    """Everything a request keeps between forwards: self-attention K/V, image K/V and the last image mask row."""
+
+    def __init__(self, kv: KVCache):
+        self.kv = kv
+        self.image_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per gated layer: (b, h, n*s, hd) x2
+        self.image_hidden_states: torch.Tensor | None = None  # (b, n, s, d), the perceiver's output
+        self.last_image_mask: torch.Tensor | None = None  # (b, n): which images the latest token attends to
+
+    def get_seq_length(self) -> int:
+        return self.kv.length
+
+    def reorder(self, index: torch.Tensor) -> None:
+        self.kv.reorder(index)
+        if self.image_kv is not None:
+            self.image_kv = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.image_kv]
+        if self.image_hidden_states is not None:
+            self.image_hidden_states = self.image_hidden_states.index_select(0, index)
+        if self.last_image_mask is not None:
+            self.last_image_mask = self.last_image_mask.index_select(0, index)
+
+    def nbytes(self) -> dict[str, int]:
+        """Bytes held, by part: {"self_attention": ..., "image": ..., "total": ...}."""
+        image = sum(k.nbytes + v.nbytes for k, v in self.image_kv or [])
+        return {"self_attention": self.kv.nbytes, "image": image, "total": self.kv.nbytes + image}

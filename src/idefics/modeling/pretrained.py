@@ -1,0 +1,148 @@
+"""`from_pretrained` / `save_pretrained` and the small conveniences transformers users expect on a model."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import CONFIG_NAME, IdeficsConfig
+from ..loading import load_checkpoint, resolve_pretrained_dir, save_checkpoint
+
+# Non-persistent buffers that older checkpoints carry; they are recomputed, never loaded.
+IGNORED_KEYS = (r"rotary_emb\.inv_freq$", r"embeddings\.position_ids$")
+WEIGHT_PATTERNS = ["*.json", "*.safetensors"]
+BIN_PATTERNS = ["*.json", "pytorch_model*.bin"]
+
+
+def _parse_dtype(dtype: torch.dtype | str | None, directory: Path) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        raw = json.loads((directory / CONFIG_NAME).read_text())
+        dtype = raw.get("dtype") or raw.get("torch_dtype") or "float32"
+    value = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r}; use e.g. torch.bfloat16, 'bfloat16', 'float16', 'float32', 'auto'")
+    return value
+
+
+def _has_weights(directory: Path) -> bool:
+    return any(directory.glob("*.safetensors")) or any(directory.glob("pytorch_model*.bin"))
+
+
+def _checkpoint_has_prefix(directory: Path, prefix: str) -> bool:
+    """Whether the checkpoint's keys start with `prefix` (a full-model save) rather than being a bare backbone."""
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = directory / index_name
+        if index.is_file():
+            return any(k.startswith(prefix) for k in json.loads(index.read_text())["weight_map"])
+    single = directory / "model.safetensors"
+    if single.is_file():
+        from safetensors import safe_open
+
+        with safe_open(single, framework="pt") as f:
+            return any(k.startswith(prefix) for k in f.keys())
+    return True
+
+
+class PretrainedMixin:
+    """Mixed into the nn.Modules of the public API. `checkpoint_prefix` is where the class sits in a full save."""
+
+    config: IdeficsConfig
+    checkpoint_prefix: str = ""
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.get_input_embeddings().weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.get_input_embeddings().weight.device
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embed_tokens if hasattr(self, "embed_tokens") else self.model.embed_tokens
+
+    def num_parameters(self, *, only_trainable: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not only_trainable)
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Recompute each decoder, gated and vision layer in the backward pass instead of storing activations."""
+        self._set_gradient_checkpointing(True)
+
+    def gradient_checkpointing_disable(self) -> None:
+        self._set_gradient_checkpointing(False)
+
+    def _set_gradient_checkpointing(self, enabled: bool) -> None:
+        for module in self.modules():
+            if hasattr(module, "gradient_checkpointing"):
+                module.gradient_checkpointing = enabled
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_id: str | os.PathLike,
+        *,
+        dtype: torch.dtype | str | None = None,
+        device: str | torch.device | None = None,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        strict: bool = True,
+        config: IdeficsConfig | None = None,
+        torch_dtype: torch.dtype | str | None = None,
+    ):
+        """Load a checkpoint from a local folder or a hub id (the local hub cache works offline).
+
+        The model is built on the meta device and the memory-mapped checkpoint tensors are attached, cast to `dtype`
+        on the way (default float32; "auto" keeps the checkpoint's dtype): no random init, no second copy.
+        `torch_dtype` is accepted as an alias of `dtype`. The returned model is in eval mode.
+        """
+        if torch_dtype is not None:
+            if dtype is not None:
+                raise ValueError("pass dtype or torch_dtype, not both")
+            dtype = torch_dtype
+        directory = resolve_pretrained_dir(
+            path_or_id, revision=revision, cache_dir=cache_dir, allow_patterns=WEIGHT_PATTERNS
+        )
+        if not _has_weights(directory) and not Path(path_or_id).is_dir():
+            directory = resolve_pretrained_dir(
+                path_or_id, revision=revision, cache_dir=cache_dir, allow_patterns=BIN_PATTERNS
+            )
+        config = config or IdeficsConfig.from_pretrained(directory)
+        dtype = _parse_dtype(dtype, directory)
+        with torch.device("meta"):
+            model = cls(config)
+        target: nn.Module = model
+        ignored = list(IGNORED_KEYS)
+        if cls.checkpoint_prefix and _checkpoint_has_prefix(directory, cls.checkpoint_prefix):
+            target = nn.Module()  # a parent so that the module's keys gain the full-model prefix
+            setattr(target, cls.checkpoint_prefix.rstrip("."), model)
+            ignored.append(r"^(?!" + cls.checkpoint_prefix.replace(".", r"\.") + ")")  # e.g. lm_head.* for the backbone
+        tied = config.tie_word_embeddings and hasattr(model, "lm_head")
+        missing = load_checkpoint(
+            target, directory, dtype=dtype, device=device, strict=strict and not tied, ignore_unexpected=ignored
+        )
+        if tied:
+            model.tie_weights()
+            missing = [k for k in missing if not k.startswith("lm_head.")]
+            if strict and missing:
+                raise KeyError(f"{directory}: checkpoint is missing {len(missing)} keys, e.g. {missing[:5]}")
+        for module in model.modules():
+            if hasattr(module, "reset_buffers"):
+                module.reset_buffers(device or "cpu")
+        return model.eval()
+
+    def save_pretrained(self, directory: str | os.PathLike, *, max_shard_size: int | str = "5GB") -> None:
+        """Write `config.json` and (sharded) safetensors that both this package and transformers load."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.config.save_pretrained(directory)
+        state = {
+            k: v
+            for k, v in self.state_dict().items()
+            if not (self.config.tie_word_embeddings and k.startswith("lm_head."))
+        }
+        save_checkpoint(state, directory, max_shard_size=max_shard_size)

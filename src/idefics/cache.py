@@ -28,6 +28,10 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)  # (L, b, h, T, hd)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.length = 0  # positions filled, identical for every layer and row
+        # Static mode (for torch.compile / CUDA graphs): writes go to the device tensor `pos` and attention reads
+        # the whole buffer under a mask, so every decode step has the same shapes and addresses.
+        self.static = False
+        self.pos = torch.zeros(1, dtype=torch.long, device=device)
 
     @property
     def capacity(self) -> int:
@@ -42,7 +46,12 @@ class KVCache:
             setattr(self, name, new)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (b, h, t, hd) after the filled prefix; return this layer's (b, h, length + t, hd) views."""
+        """Write k, v (b, h, t, hd) after the filled prefix; return this layer's (b, h, length + t, hd) views
+        (static mode: t == 1 written at `pos`, the whole (b, h, capacity, hd) buffers returned)."""
+        if self.static:
+            self.k[layer].index_copy_(2, self.pos, k)
+            self.v[layer].index_copy_(2, self.pos, v)
+            return self.k[layer], self.v[layer]
         start, end = self.length, self.length + k.shape[2]
         if end > self.capacity:
             self._grow(end)
@@ -53,11 +62,13 @@ class KVCache:
     def advance(self, t: int) -> None:
         """Mark t more positions as filled; called once per forward, after every layer wrote them."""
         self.length += t
+        self.pos.fill_(self.length)
 
     def reorder(self, index: torch.Tensor) -> None:
         """Reorder the batch rows in place (beam search): row i becomes old row index[i]."""
-        self.k.copy_(self.k.index_select(1, index))
-        self.v.copy_(self.v.index_select(1, index))
+        for buf in (self.k, self.v):
+            filled = buf[:, :, :, : self.length]
+            filled.copy_(filled.index_select(1, index))
 
     @property
     def nbytes(self) -> int:

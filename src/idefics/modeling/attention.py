@@ -29,7 +29,7 @@ class IdeficsAttention(nn.Module):
         cache: KVCache | None = None,
         layer_idx: int = 0,
     ) -> torch.Tensor:
-        """x (b, t, d); rope cos/sin (b, t, hd); mask additive (b, 1, t, T) or None for plain causal."""
+        """x (b, t, d); rope cos/sin (b, t, hd); bool mask (b, 1, t, T) or None for plain causal."""
         b, t, d = x.shape
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (b, h, t, hd)
         k = self.k_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)

@@ -41,7 +41,7 @@ class IdeficsCrossAttention(nn.Module):
         return k, v
 
     def forward(self, x: torch.Tensor, image_kv: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
-        """x (b, t, d); image_kv (b, h, n*s, hd) x2; mask additive (b, 1, t, n*s) -> (b, t, d)."""
+        """x (b, t, d); image_kv (b, h, n*s, hd) x2; bool mask (b, 1, t, n*s) -> (b, t, d)."""
         b, t, d = x.shape
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (b, h, t, hd)
         if self.qk_layer_norms:

@@ -26,8 +26,9 @@ from .text import IdeficsDecoderLayer
 from .vision import IdeficsVisionTransformer
 
 
-def causal_mask(attention_mask: torch.Tensor | None, t: int, past: int, dtype: torch.dtype) -> torch.Tensor | None:
-    """Additive mask (b, 1, t, past + t) from a 2D padding mask (b, past + t); None when plain causal suffices."""
+def causal_mask(attention_mask: torch.Tensor | None, t: int, past: int) -> torch.Tensor | None:
+    """Boolean mask (b, 1, t, past + t), True = attend, from a 2D padding mask (b, past + t); None when SDPA's own
+    causal mode suffices. Fully masked rows (queries on left padding) come out of SDPA as zeros, as in the reference."""
     if attention_mask is None and (past == 0 or t == 1):
         return None  # SDPA's is_causal (t > 1) or attend-to-all (t == 1)
     device = attention_mask.device if attention_mask is not None else None
@@ -35,17 +36,13 @@ def causal_mask(attention_mask: torch.Tensor | None, t: int, past: int, dtype: t
     allowed = torch.arange(past + t, device=device)[None, :] <= query_pos  # (t, T)
     if attention_mask is not None:
         allowed = allowed[None] & attention_mask[:, None, :].bool()  # (b, t, T)
-    allowed = allowed.view(-1, 1, t, past + t)  # (b or 1, 1, t, T)
-    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
+    return allowed.view(-1, 1, t, past + t)  # (b or 1, 1, t, T)
 
 
-def image_masks(image_attention_mask: torch.Tensor, s: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(b, t, n) 0/1 -> additive cross-attention mask (b, 1, t, n*s) and gate (b, t), 0 where no image is seen."""
+def image_masks(image_attention_mask: torch.Tensor, s: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(b, t, n) 0/1 -> boolean cross-attention mask (b, 1, t, n*s) and gate (b, t), False where no image is seen."""
     attends = image_attention_mask.bool()  # (b, t, n)
-    gate = attends.any(dim=-1)  # (b, t)
-    keys = attends.repeat_interleave(s, dim=-1)[:, None]  # (b, 1, t, n*s)
-    mask = torch.zeros(keys.shape, dtype=dtype, device=keys.device).masked_fill_(~keys, torch.finfo(dtype).min)
-    return mask, gate
+    return attends.repeat_interleave(s, dim=-1)[:, None], attends.any(dim=-1)
 
 
 def position_ids_from(attention_mask: torch.Tensor | None, t: int, past: int, device) -> torch.Tensor:
@@ -135,7 +132,9 @@ class IdeficsModel(PretrainedMixin, nn.Module):
                     )
                 num_images = pixel_values.shape[1]
                 images = pixel_values.flatten(0, 1).to(self.dtype)  # (b*n, 3, r, r)
-                states = self.vision_model(images, interpolate_pos_encoding=interpolate_pos_encoding)  # (b*n, 1+p, d_img)
+                states = self.vision_model(
+                    images, interpolate_pos_encoding=interpolate_pos_encoding
+                )  # (b*n, 1+p, d_img)
             else:
                 states = image_encoder_embeddings
             if states.ndim == 4:
@@ -223,7 +222,7 @@ class IdeficsModel(PretrainedMixin, nn.Module):
                     f"image_attention_mask must be (batch, text, images) = {(b, t, n)}, "
                     f"got {tuple(image_attention_mask.shape)}"
                 )
-            cross_mask, gate = image_masks(image_attention_mask, s, x.dtype)
+            cross_mask, gate = image_masks(image_attention_mask, s)
             if cache is not None:
                 cache.last_image_mask = image_attention_mask[:, -1]
 
@@ -232,24 +231,45 @@ class IdeficsModel(PretrainedMixin, nn.Module):
         rope = self.rotary_emb(position_ids, x.dtype)  # (b, t, hd) x2
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None
-        mask = causal_mask(attention_mask, t, past, x.dtype)
+        mask = causal_mask(attention_mask, t, past)
 
-        interval = self.config.cross_layer_interval
-        for i, layer in enumerate(self.layers):
-            if i % interval == 0:
-                gated = self.gated_cross_attn_layers[i // interval]
-                if image_states is None:
-                    x = self._run(gated, x, None, None, None)
-                elif image_kv is None:
-                    x = self._run(self._gated_with_projection, gated, x, image_states, cross_mask, gate)
-                else:
-                    x = self._run(gated, x, image_kv[i // interval], cross_mask, gate)
-            x = self._run(layer, x, rope, mask, cache.kv if cache is not None else None, i)
+        x = self.run_layers(
+            x, rope, mask, cache.kv if cache is not None else None, image_states, image_kv, cross_mask, gate
+        )
         if cache is not None:
             cache.kv.advance(t)
         return IdeficsModelOutput(
             last_hidden_state=self.norm(x), past_key_values=cache, image_hidden_states=image_states
         )
+
+    def run_layers(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor | None,
+        kv: KVCache | None,
+        image_states: torch.Tensor | None,
+        image_kv: list[tuple[torch.Tensor, torch.Tensor]] | None,
+        cross_mask: torch.Tensor | None,
+        gate: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The decoder stack on x (b, t, d), each gated layer before its decoder layer; no final norm.
+
+        With `image_kv` the gated layers use those precomputed image keys/values; with only `image_states` they
+        project them (training, so gradients reach the vision side); with neither no token sees an image.
+        """
+        interval = self.config.cross_layer_interval
+        for i, layer in enumerate(self.layers):
+            if i % interval == 0:
+                gated = self.gated_cross_attn_layers[i // interval]
+                if image_kv is not None:
+                    x = self._run(gated, x, image_kv[i // interval], cross_mask, gate)
+                elif image_states is not None:
+                    x = self._run(self._gated_with_projection, gated, x, image_states, cross_mask, gate)
+                else:
+                    x = self._run(gated, x, None, None, None)
+            x = self._run(layer, x, rope, mask, kv, i)
+        return x
 
     @staticmethod
     def _gated_with_projection(gated, x, image_states, cross_mask, gate):
@@ -345,3 +365,9 @@ class IdeficsForVisionText2Text(PretrainedMixin, nn.Module):
             image_hidden_states=out.image_hidden_states,
             last_hidden_state=hidden,
         )
+
+    def generate(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
+        """Generate after the prompt (b, t) -> (b, t + new); see `idefics.generation.generate` for the arguments."""
+        from ..generation import generate
+
+        return generate(self, input_ids, **kwargs)

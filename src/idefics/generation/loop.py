@@ -1,0 +1,268 @@
+"""The generation loop: prefill once, then one cached decode step per token.
+
+The vision encoder, the perceiver and every gated layer's image K/V run once, at prefill. Each decode step embeds
+the new token, runs the decoder against the in-place self-attention cache and the cached image K/V, and returns
+the last logits. `generate_steps` is the one loop (a generator); `generate`, streaming, the CLI and the server
+consume it. Beam search (beam.py) shares `prefill` and `decode_step`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from ..cache import IdeficsCache
+from .config import GenerationConfig
+from .processors import process
+from .stopping import StopStrings, eos_hits
+
+
+@dataclass
+class DecodeState:
+    """What a request carries from one decode step to the next."""
+
+    cache: IdeficsCache
+    positions: torch.Tensor  # (b, 1) rotary position of the next token (left padding does not count)
+    pad_mask: torch.Tensor | None  # (b, capacity) bool, False on left padding; None when no row is padded
+    cross_mask: torch.Tensor | None  # (b, 1, 1, n*s) which image tokens new tokens attend to
+    gate: torch.Tensor | None  # (b, 1) False for rows whose new tokens see no image
+    static_step: object | None = None  # compiled fixed-shape decode step (compile=True), else None
+
+
+@dataclass
+class Step:
+    tokens: torch.Tensor  # (b,) the token appended to each row (pad for rows finished earlier)
+    finished: torch.Tensor  # (b,) bool, rows that are done after this token
+
+
+@torch.inference_mode()
+def prefill(
+    model,
+    input_ids: torch.Tensor,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    pixel_values: torch.Tensor | None = None,
+    image_encoder_embeddings: torch.Tensor | None = None,
+    perceiver_embeddings: torch.Tensor | None = None,
+    image_attention_mask: torch.Tensor | None = None,
+    interpolate_pos_encoding: bool = False,
+    capacity: int,
+    compile: bool = False,
+) -> tuple[torch.Tensor, DecodeState]:
+    """Run the prompt (b, t) through the model, filling a cache sized for `capacity` positions.
+
+    Returns the last position's logits (b, v) in float32 and the state for `decode_step`. With `compile=True` the
+    decode steps run a torch.compile'd fixed-shape step (static cache read whole under a mask; CUDA graphs on GPU).
+    """
+    b, t = input_ids.shape
+    cache = model.model.new_cache(batch_size=b, capacity=capacity)
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        pixel_values=pixel_values,
+        image_encoder_embeddings=image_encoder_embeddings,
+        perceiver_embeddings=perceiver_embeddings,
+        image_attention_mask=image_attention_mask,
+        interpolate_pos_encoding=interpolate_pos_encoding,
+        past_key_values=cache,
+        logits_to_keep=1,
+    )
+    padded = attention_mask is not None and not bool(attention_mask.all())
+    pad_mask = None
+    if padded:
+        pad_mask = torch.ones(b, capacity, dtype=torch.bool, device=input_ids.device)
+        pad_mask[:, :t] = attention_mask.bool()
+    if attention_mask is not None:
+        positions = attention_mask.long().sum(-1, keepdim=True)  # (b, 1)
+    else:
+        positions = torch.full((b, 1), t, dtype=torch.long, device=input_ids.device)
+    cross_mask = gate = None
+    if cache.last_image_mask is not None:
+        s = cache.image_hidden_states.shape[2]
+        last = cache.last_image_mask.bool()  # (b, n)
+        cross_mask = last.repeat_interleave(s, dim=-1)[:, None, None, :]  # (b, 1, 1, n*s)
+        gate = last.any(dim=-1, keepdim=True)  # (b, 1)
+    state = DecodeState(cache=cache, positions=positions, pad_mask=pad_mask, cross_mask=cross_mask, gate=gate)
+    if compile:
+        cache.kv.static = True
+        if state.pad_mask is None:
+            state.pad_mask = torch.ones(b, capacity, dtype=torch.bool, device=input_ids.device)
+        state.static_step = compiled_static_step()
+    return out.logits[:, -1].float(), state
+
+
+def static_step(model, tokens, positions, valid, kv, image_states, image_kv, cross_mask, gate) -> torch.Tensor:
+    """One decode step with fixed shapes: attends over the whole cache buffer, masked beyond `kv.pos`."""
+    backbone = model.model
+    x = backbone.embed_tokens(tokens[:, None])  # (b, 1, d)
+    rope = backbone.rotary_emb(positions, x.dtype)
+    filled = torch.arange(valid.shape[1], device=valid.device) <= kv.pos  # (capacity,)
+    mask = (valid & filled)[:, None, None, :]  # (b, 1, 1, capacity)
+    x = backbone.run_layers(x, rope, mask, kv, image_states, image_kv, cross_mask, gate)
+    return model.lm_head(backbone.norm(x))[:, -1].float()
+
+
+_COMPILED = {}
+
+
+def compiled_static_step():
+    """`static_step` compiled once per process (CUDA graphs on GPU via mode="reduce-overhead")."""
+    if "step" not in _COMPILED:
+        mode = "reduce-overhead" if torch.cuda.is_available() else None
+        _COMPILED["step"] = torch.compile(static_step, mode=mode, fullgraph=True)
+    return _COMPILED["step"]
+
+
+@torch.inference_mode()
+def decode_step(model, tokens: torch.Tensor, state: DecodeState) -> torch.Tensor:
+    """Append tokens (b,) to every row; return the next logits (b, v) in float32."""
+    backbone = model.model
+    cache = state.cache
+    if state.static_step is not None:
+        logits = state.static_step(
+            model,
+            tokens,
+            state.positions,
+            state.pad_mask,
+            cache.kv,
+            cache.image_hidden_states,
+            cache.image_kv,
+            state.cross_mask,
+            state.gate,
+        ).clone()  # the next replay of a CUDA graph overwrites its output
+        cache.kv.advance(1)
+        state.positions += 1
+        return logits
+    x = backbone.embed_tokens(tokens[:, None])  # (b, 1, d)
+    rope = backbone.rotary_emb(state.positions, x.dtype)
+    length = cache.kv.length + 1
+    mask = state.pad_mask[:, None, None, :length] if state.pad_mask is not None else None  # (b, 1, 1, T)
+    x = backbone.run_layers(
+        x, rope, mask, cache.kv, cache.image_hidden_states, cache.image_kv, state.cross_mask, state.gate
+    )
+    cache.kv.advance(1)
+    state.positions += 1
+    return model.lm_head(backbone.norm(x))[:, -1].float()
+
+
+def resolve_config(model, config: GenerationConfig | None, kwargs: dict) -> GenerationConfig:
+    config = config or GenerationConfig.from_kwargs(**kwargs)
+    if config.eos_token_id is None and model.config.eos_token_id is not None:
+        eos = model.config.eos_token_id
+        config.eos_token_id = [eos] if isinstance(eos, int) else list(eos)
+    if config.pad_token_id is None:
+        config.pad_token_id = (
+            model.config.pad_token_id if model.config.pad_token_id is not None else (config.eos_token_id or [0])[0]
+        )
+    return config
+
+
+def seen_tokens(ids: torch.Tensor, attention_mask: torch.Tensor | None, vocab: int) -> torch.Tensor:
+    """(rows, vocab) bool of the tokens each row of ids (rows, T) contains, its leading padding excluded (the
+    reference's rule). attention_mask covers the first positions of ids (the prompt)."""
+    if attention_mask is not None:
+        leading_pad = torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
+        leading_pad[:, : attention_mask.shape[1]] = attention_mask.long().cumsum(-1) == 0
+        ids = ids.masked_fill(leading_pad, vocab)  # an extra column, dropped below
+    seen = torch.zeros(ids.shape[0], vocab + 1, dtype=torch.bool, device=ids.device)
+    return seen.scatter_(1, ids, True)[:, :vocab]
+
+
+def generate_steps(
+    model,
+    input_ids: torch.Tensor,
+    *,
+    config: GenerationConfig,
+    tokenizer=None,
+    attention_mask: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    **image_inputs,
+) -> Iterator[Step]:
+    """Yield one Step per generated position until every row is finished or max_new_tokens is reached."""
+    b, t = input_ids.shape
+    if config.stop_strings and tokenizer is None:
+        raise ValueError("stop_strings need a tokenizer: pass tokenizer= (or use the processor's)")
+    if config.do_sample and generator is None and config.seed is not None:
+        generator = torch.Generator(device=input_ids.device).manual_seed(config.seed)
+    logits, state = prefill(
+        model,
+        input_ids,
+        attention_mask=attention_mask,
+        capacity=t + config.max_new_tokens,
+        compile=config.compile,
+        **image_inputs,
+    )
+    vocab = logits.shape[-1]
+    sequences = torch.empty(b, t + config.max_new_tokens, dtype=torch.long, device=input_ids.device)
+    sequences[:, :t] = input_ids
+    seen = seen_tokens(input_ids, attention_mask, vocab) if config.repetition_penalty != 1.0 else None
+    eos = torch.tensor(config.eos_token_id, device=input_ids.device) if config.eos_token_id else None
+    stop = StopStrings(config.stop_strings, tokenizer) if config.stop_strings else None
+    finished = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
+    for i in range(config.max_new_tokens):
+        scores = process(
+            logits, config, seen=seen, history=sequences[:, : t + i], num_generated=i, sampling=config.do_sample
+        )
+        if config.do_sample:
+            tokens = torch.multinomial(scores.softmax(dim=-1), 1, generator=generator).squeeze(1)
+        else:
+            tokens = scores.argmax(dim=-1)  # (b,)
+        tokens = tokens.masked_fill(finished, config.pad_token_id)
+        sequences[:, t + i] = tokens
+        if seen is not None:
+            seen[torch.arange(b), tokens] = True
+        done = eos_hits(tokens, eos)
+        if stop is not None:
+            hits = stop([row.tolist() for row in sequences[:, t : t + i + 1]])
+            done |= torch.tensor(hits, device=tokens.device)
+        finished = finished | done
+        yield Step(tokens=tokens, finished=finished.clone())
+        if bool(finished.all()) or i + 1 == config.max_new_tokens:
+            return
+        logits = decode_step(model, tokens, state)
+
+
+def generate(
+    model,
+    input_ids: torch.Tensor,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    pixel_values: torch.Tensor | None = None,
+    image_encoder_embeddings: torch.Tensor | None = None,
+    perceiver_embeddings: torch.Tensor | None = None,
+    image_attention_mask: torch.Tensor | None = None,
+    interpolate_pos_encoding: bool = False,
+    generation_config: GenerationConfig | None = None,
+    tokenizer=None,
+    generator: torch.Generator | None = None,
+    **kwargs,
+) -> torch.Tensor:
+    """Prompt (b, t) -> (b, t + new) token ids; rows that finish early are padded with the pad id."""
+    config = resolve_config(model, generation_config, kwargs)
+    image_inputs = dict(
+        pixel_values=pixel_values,
+        image_encoder_embeddings=image_encoder_embeddings,
+        perceiver_embeddings=perceiver_embeddings,
+        image_attention_mask=image_attention_mask,
+        interpolate_pos_encoding=interpolate_pos_encoding,
+    )
+    if config.num_beams > 1:
+        from .beam import beam_search
+
+        return beam_search(model, input_ids, config=config, attention_mask=attention_mask, generator=generator,
+                           tokenizer=tokenizer, **image_inputs)  # fmt: skip
+    steps = [
+        s.tokens
+        for s in generate_steps(
+            model,
+            input_ids,
+            config=config,
+            tokenizer=tokenizer,
+            attention_mask=attention_mask,
+            generator=generator,
+            **image_inputs,
+        )
+    ]
+    return torch.cat([input_ids, torch.stack(steps, dim=1)], dim=1)

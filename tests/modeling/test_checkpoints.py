@@ -14,7 +14,8 @@ import idefics
 FREEZE_CASES = [
     dict(freeze_text_layers=True, freeze_vision_layers=True, freeze_lm_head=True),
     dict(freeze_text_layers=True, freeze_text_module_exceptions=["Linear"], freeze_vision_layers=False),
-    dict(freeze_text_layers=False, freeze_vision_layers=True, freeze_vision_module_exceptions=["LayerNorm", "Embedding"]),
+    dict(freeze_text_layers=False, freeze_vision_layers=True,
+         freeze_vision_module_exceptions=["LayerNorm", "Embedding"]),
     dict(freeze_text_layers=True, freeze_text_module_exceptions=["LayerNorm", "Embedding"], freeze_lm_head=True,
          freeze_vision_layers=True, freeze_vision_module_exceptions=["Linear"]),
     dict(freeze_text_layers=False, freeze_vision_layers=False, freeze_lm_head=False),
@@ -185,3 +186,22 @@ def test_gradient_checkpointing_gives_same_gradients(reference_checkpoints):
 def test_import_does_not_import_transformers():
     code = "import sys, idefics; assert 'transformers' not in sys.modules, 'transformers imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_tied_embeddings_round_trip(tmp_path):
+    import transformers
+
+    name = "plain_vector_zeros"
+    ref = reference_model(name, tie_word_embeddings=True)
+    assert ref.lm_head.weight.data_ptr() == ref.model.embed_tokens.weight.data_ptr()
+    ref.save_pretrained(tmp_path / "ref")
+    ours = idefics.IdeficsForVisionText2Text.from_pretrained(tmp_path / "ref")
+    assert ours.lm_head.weight is ours.model.embed_tokens.weight
+    ids, am, pv, iam = make_batch(config_dict(name))
+    batch = dict(input_ids=ids, attention_mask=am, pixel_values=pv, image_attention_mask=iam)
+    ours.save_pretrained(tmp_path / "ours")
+    back = transformers.IdeficsForVisionText2Text.from_pretrained(tmp_path / "ours").eval()
+    with torch.no_grad():
+        real = am.bool()
+        torch.testing.assert_close(ours(**batch).logits[real], ref(**batch).logits[real], atol=1e-4, rtol=0)
+        assert torch.equal(back(**batch).logits, ref(**batch).logits)

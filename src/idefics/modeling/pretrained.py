@@ -121,15 +121,7 @@ class PretrainedMixin:
             target = nn.Module()  # a parent so that the module's keys gain the full-model prefix
             setattr(target, cls.checkpoint_prefix.rstrip("."), model)
             ignored.append(r"^(?!" + cls.checkpoint_prefix.replace(".", r"\.") + ")")  # e.g. lm_head.* for the backbone
-        tied = config.tie_word_embeddings and hasattr(model, "lm_head")
-        missing = load_checkpoint(
-            target, directory, dtype=dtype, device=device, strict=strict and not tied, ignore_unexpected=ignored
-        )
-        if tied:
-            model.tie_weights()
-            missing = [k for k in missing if not k.startswith("lm_head.")]
-            if strict and missing:
-                raise KeyError(f"{directory}: checkpoint is missing {len(missing)} keys, e.g. {missing[:5]}")
+        load_checkpoint(target, directory, dtype=dtype, device=device, strict=strict, ignore_unexpected=ignored)
         for module in model.modules():
             if hasattr(module, "reset_buffers"):
                 module.reset_buffers(device or "cpu")
@@ -140,9 +132,7 @@ class PretrainedMixin:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.config.save_pretrained(directory)
-        state = {
-            k: v
-            for k, v in self.state_dict().items()
-            if not (self.config.tie_word_embeddings and k.startswith("lm_head."))
-        }
+        state = self.state_dict()
+        if self.config.tie_word_embeddings:  # as transformers saves tied weights: once, under the embedding's name
+            state = {k: v for k, v in state.items() if not k.startswith("lm_head.")}
         save_checkpoint(state, directory, max_shard_size=max_shard_size)

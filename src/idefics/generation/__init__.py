@@ -2,5 +2,16 @@
 
 from .config import GenerationConfig
 from .loop import DecodeState, Step, decode_step, generate, generate_steps, prefill
+from .stream import TextDeltas, stream_generate
 
-__all__ = ["DecodeState", "GenerationConfig", "Step", "decode_step", "generate", "generate_steps", "prefill"]
+__all__ = [
+    "DecodeState",
+    "GenerationConfig",
+    "Step",
+    "TextDeltas",
+    "decode_step",
+    "generate",
+    "generate_steps",
+    "prefill",
+    "stream_generate",
+]

@@ -44,12 +44,13 @@ class TextDeltas:
         return self._release(final=False)
 
     def finish(self) -> str:
-        """Flush what was held back (an incomplete stop-string prefix, trailing undecodable bytes)."""
+        """Flush what was held back: an incomplete stop-string prefix, trailing bytes that never formed a character
+        (shown as U+FFFD, as `decode` shows them)."""
         if not self.stopped:
             rest = self._decode(self.tokens[self.prefix_offset :])
             before = self._decode(self.tokens[self.prefix_offset : self.read_offset])
             if len(rest) > len(before):
-                self.text += rest[len(before) :].rstrip("\ufffd")
+                self.text += rest[len(before) :]
         return self._release(final=True)
 
     def _release(self, *, final: bool) -> str:

@@ -1,0 +1,101 @@
+"""Decode speed, ours vs transformers, side by side in one process (CPU, fp32, 2 threads by default).
+
+    python benchmarks/generate.py [--preset bench|wide|deep|tiny] [--threads 2] [--new-tokens 32]
+
+Prints batch-1 decode tokens/s, batch-8 decode throughput, prefill latency, and the fraction of the
+weight-streaming bound (weight bytes per decode step / bandwidth of x @ W.T over as many fp32 bytes).
+Decode rates are (N - 1) / (time(N new tokens) - time(1 new token)), so prefill is excluded on both sides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import tempfile
+from pathlib import Path
+
+import torch
+from common import bench_config, decode_weight_bytes, make_inputs, matvec_bandwidth, timed
+from tqdm import tqdm
+
+import idefics
+
+
+def build_checkpoint(cfg: dict, folder: Path):
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.IdeficsForVisionText2Text(transformers.IdeficsConfig(**cfg))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "alpha" in name:
+                p.fill_(0.5)
+            elif p.ndim > 1:
+                p.normal_(0, p.shape[-1] ** -0.5)
+    model.save_pretrained(folder, max_shard_size="200MB")
+
+
+def decode_rate(generate, batch: int, n: int, repeat: int) -> float:
+    t1 = timed(lambda: generate(1), repeat=repeat)
+    tn = timed(lambda: generate(n), repeat=repeat)
+    return batch * (n - 1) / (tn - t1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="bench", choices=["bench", "wide", "deep", "tiny"])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--prompt", type=int, default=64)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--no-reference", action="store_true", help="measure ours only")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    cfg = bench_config(args.preset)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        build_checkpoint(cfg, folder)
+        impls = {"ours": idefics.IdeficsForVisionText2Text.from_pretrained(folder)}
+        if not args.no_reference:
+            import transformers
+
+            impls["reference"] = transformers.IdeficsForVisionText2Text.from_pretrained(folder).eval()
+
+    n = args.new_tokens
+    results: dict[str, dict[str, float]] = {}
+    jobs = [(name, b) for name in impls for b in (1, 8)]
+    for name, b in tqdm(jobs, desc="benchmarks"):
+        model = impls[name]
+        inputs = make_inputs(cfg, batch=b, prompt=args.prompt)
+
+        def generate(k, model=model, inputs=inputs):
+            with torch.inference_mode():
+                return model.generate(**copy.copy(inputs), max_new_tokens=k, min_new_tokens=k, do_sample=False)
+
+        results.setdefault(name, {})[f"decode_b{b}"] = decode_rate(generate, b, n, args.repeat)
+        if b == 1:
+            with torch.inference_mode():
+                results[name]["prefill_ms"] = 1e3 * timed(lambda m=model, i=inputs: m(**i), repeat=args.repeat)
+
+    ours = impls["ours"]
+    weight_bytes = decode_weight_bytes(ours)
+    bandwidth = matvec_bandwidth(weight_bytes)
+    bound = bandwidth / weight_bytes
+    print(f"\npreset={args.preset} threads={args.threads} prompt={args.prompt} new_tokens={n} (fp32, CPU)")
+    print(f"weights read per decode step: {weight_bytes / 1e6:.1f} MB; x@W.T bandwidth {bandwidth / 1e9:.2f} GB/s; "
+          f"bound {bound:.1f} tokens/s")  # fmt: skip
+    print(f"{'':12}{'b1 tok/s':>10}{'% bound':>9}{'b8 tok/s':>10}{'prefill ms':>12}")
+    for name, r in results.items():
+        print(f"{name:12}{r['decode_b1']:10.1f}{100 * r['decode_b1'] / bound:8.0f}%{r['decode_b8']:10.1f}"
+              f"{r['prefill_ms']:12.1f}")  # fmt: skip
+    if "reference" in results:
+        o, r = results["ours"], results["reference"]
+        b1, b8 = o["decode_b1"] / r["decode_b1"], o["decode_b8"] / r["decode_b8"]
+        print(
+            f"ratio ours/ref: batch-1 decode {b1:.2f}x, batch-8 {b8:.2f}x, prefill {r['prefill_ms'] / o['prefill_ms']:.2f}x"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Decode speed on a GPU for an idefics-9b-shaped model (random weights, bf16), ours vs transformers.
+
+    python benchmarks/gpu.py [--new-tokens 64] [--compile] [--tiny]
+
+Both implementations share one set of weights (ours attaches the reference's tensors), so a 9b model fits twice on
+an 80 GB card. Prints decode tokens/s at batch 1 and 16 and the fraction of the memory-bandwidth bound (weight bytes
+per decode step / measured bandwidth of x @ W.T over a bf16 matrix as large). `--tiny` runs a small config, on the
+CPU if no GPU is present, to check the script itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+
+import torch
+from common import bench_config, decode_weight_bytes, idefics_9b_config, make_inputs, matvec_bandwidth, timed
+from tqdm import tqdm
+
+import idefics
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--compile", action="store_true", help="also measure ours with compile=True")
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--no-reference", action="store_true")
+    args = parser.parse_args()
+    import transformers
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    cfg = bench_config("tiny") if args.tiny else idefics_9b_config()
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        ref = transformers.IdeficsForVisionText2Text(transformers.IdeficsConfig(**cfg, dtype=dtype)).to(dtype).eval()
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if "alpha" in name:
+                p.fill_(0.5)
+            elif p.ndim > 1:
+                p.normal_(0, p.shape[-1] ** -0.5)
+    config = idefics.IdeficsConfig.from_dict(ref.config.to_dict())
+    with torch.device("meta"):
+        ours = idefics.IdeficsForVisionText2Text(config)
+    ours.load_state_dict(ref.state_dict(), assign=True)  # shares the reference's tensors: no second copy
+    ours.model.rotary_emb.reset_buffers(device)
+    ours.eval()
+
+    impls = {"ours": (ours, {})}
+    if args.compile:
+        impls["ours+compile"] = (ours, {"compile": True})
+    if not args.no_reference:
+        impls["reference"] = (ref, {})
+    n = args.new_tokens
+    results: dict[str, dict[int, float]] = {}
+    for name, b in tqdm([(k, b) for k in impls for b in (1, 16)], desc="benchmarks"):
+        model, extra = impls[name]
+        inputs = make_inputs(cfg, batch=b, prompt=args.prompt, device=device, dtype=dtype)
+
+        def generate(k, model=model, inputs=inputs, extra=extra):
+            with torch.inference_mode():
+                return model.generate(**copy.copy(inputs), max_new_tokens=k, min_new_tokens=k, do_sample=False,
+                                      **extra)  # fmt: skip
+
+        t1 = timed(lambda: generate(1), repeat=args.repeat, sync=sync)
+        tn = timed(lambda: generate(n), repeat=args.repeat, sync=sync)
+        results.setdefault(name, {})[b] = b * (n - 1) / (tn - t1)
+
+    weight_bytes = decode_weight_bytes(ours)
+    bandwidth = matvec_bandwidth(weight_bytes, dtype=dtype, device=device, sync=sync)
+    bound = bandwidth / weight_bytes
+    gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    print(f"\n{gpu}: {'tiny' if args.tiny else 'idefics-9b'}-shaped, bf16, prompt {args.prompt}, {n} new tokens")
+    print(f"weights per decode step {weight_bytes / 1e9:.2f} GB; bandwidth {bandwidth / 1e9:.0f} GB/s; "
+          f"bound {bound:.1f} tokens/s at batch 1")  # fmt: skip
+    print(f"{'':14}{'b1 tok/s':>10}{'% bound':>9}{'b16 tok/s':>11}")
+    for name, r in results.items():
+        print(f"{name:14}{r[1]:10.1f}{100 * r[1] / bound:8.0f}%{r[16]:11.1f}")
+    if "reference" in results:
+        o, r = results["ours"], results["reference"]
+        print(f"ratio ours/ref: batch-1 {o[1] / r[1]:.2f}x, batch-16 {o[16] / r[16]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -4,18 +4,20 @@
 
 Prints batch-1 decode tokens/s, batch-8 decode throughput, prefill latency, and the fraction of the
 weight-streaming bound (weight bytes per decode step / bandwidth of x @ W.T over as many fp32 bytes).
-Decode rates are (N - 1) / (time(N new tokens) - time(1 new token)), so prefill is excluded on both sides.
+Decode rates are (N - 1) / (time(N new tokens) - time(1 new token)), so prefill is excluded on both sides; prefill is
+time(1 new token) at batch 1 (time to first token). Runs alternate between the implementations, medians reported.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
+import statistics
 import tempfile
+import time
 from pathlib import Path
 
 import torch
-from common import bench_config, decode_weight_bytes, make_inputs, matvec_bandwidth, timed
+from common import bench_config, decode_weight_bytes, make_inputs, matvec_bandwidth
 from tqdm import tqdm
 
 import idefics
@@ -35,10 +37,19 @@ def build_checkpoint(cfg: dict, folder: Path):
     model.save_pretrained(folder, max_shard_size="200MB")
 
 
-def decode_rate(generate, batch: int, n: int, repeat: int) -> float:
-    t1 = timed(lambda: generate(1), repeat=repeat)
-    tn = timed(lambda: generate(n), repeat=repeat)
-    return batch * (n - 1) / (tn - t1)
+def measure(generators: dict, *, n: int, repeat: int) -> dict[str, tuple[float, float]]:
+    """Median seconds of generate(1) and generate(n) per implementation, interleaved round by round so that
+    drifts of the machine hit both sides alike."""
+    times = {name: ([], []) for name in generators}
+    for gen in generators.values():  # warm-up
+        gen(1), gen(n)
+    for _ in range(repeat):
+        for name, gen in generators.items():
+            for k, bucket in zip((1, n), times[name], strict=True):
+                start = time.perf_counter()
+                gen(k)
+                bucket.append(time.perf_counter() - start)
+    return {name: (statistics.median(t1), statistics.median(tn)) for name, (t1, tn) in times.items()}
 
 
 def main() -> None:
@@ -63,20 +74,23 @@ def main() -> None:
             impls["reference"] = transformers.IdeficsForVisionText2Text.from_pretrained(folder).eval()
 
     n = args.new_tokens
-    results: dict[str, dict[str, float]] = {}
-    jobs = [(name, b) for name in impls for b in (1, 8)]
-    for name, b in tqdm(jobs, desc="benchmarks"):
-        model = impls[name]
+    results: dict[str, dict[str, float]] = {name: {} for name in impls}
+    for b in tqdm((1, 8), desc="batch sizes"):
         inputs = make_inputs(cfg, batch=b, prompt=args.prompt)
 
-        def generate(k, model=model, inputs=inputs):
-            with torch.inference_mode():
-                return model.generate(**copy.copy(inputs), max_new_tokens=k, min_new_tokens=k, do_sample=False)
+        def generator(model, inputs=inputs):
+            def generate(k):
+                with torch.inference_mode():
+                    return model.generate(**inputs, max_new_tokens=k, min_new_tokens=k, do_sample=False)
 
-        results.setdefault(name, {})[f"decode_b{b}"] = decode_rate(generate, b, n, args.repeat)
-        if b == 1:
-            with torch.inference_mode():
-                results[name]["prefill_ms"] = 1e3 * timed(lambda m=model, i=inputs: m(**i), repeat=args.repeat)
+            return generate
+
+        for name, (t1, tn) in measure(
+            {name: generator(m) for name, m in impls.items()}, n=n, repeat=args.repeat
+        ).items():
+            results[name][f"decode_b{b}"] = b * (n - 1) / (tn - t1)
+            if b == 1:
+                results[name]["prefill_ms"] = 1e3 * t1  # time to the first token: vision, perceiver, prompt
 
     ours = impls["ours"]
     weight_bytes = decode_weight_bytes(ours)
@@ -92,9 +106,8 @@ def main() -> None:
     if "reference" in results:
         o, r = results["ours"], results["reference"]
         b1, b8 = o["decode_b1"] / r["decode_b1"], o["decode_b8"] / r["decode_b8"]
-        print(
-            f"ratio ours/ref: batch-1 decode {b1:.2f}x, batch-8 {b8:.2f}x, prefill {r['prefill_ms'] / o['prefill_ms']:.2f}x"
-        )
+        prefill = r["prefill_ms"] / o["prefill_ms"]
+        print(f"ratio ours/ref: batch-1 decode {b1:.2f}x, batch-8 {b8:.2f}x, prefill {prefill:.2f}x")
 
 
 if __name__ == "__main__":

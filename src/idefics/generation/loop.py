@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..cache import IdeficsCache
+from ..modeling.layout import use_decode_layout
 from .config import GenerationConfig
 from .processors import process
 from .stopping import StopStrings, eos_hits
@@ -57,6 +58,8 @@ def prefill(
     decode steps run a torch.compile'd fixed-shape step (static cache read whole under a mask; CUDA graphs on GPU).
     """
     b, t = input_ids.shape
+    if input_ids.device.type == "cpu":
+        use_decode_layout(model)
     cache = model.model.new_cache(batch_size=b, capacity=capacity)
     out = model(
         input_ids=input_ids,

@@ -6,6 +6,7 @@ from torch import nn
 
 from ..cache import KVCache
 from ..config import IdeficsConfig
+from .layout import fused_weight
 from .rope import apply_rotary
 
 
@@ -19,6 +20,7 @@ class IdeficsAttention(nn.Module):
         self.v_proj = nn.Linear(d, d, bias=False)
         self.o_proj = nn.Linear(d, d, bias=False)
         self.dropout = config.dropout
+        self.qkv_packed: torch.Tensor | None = None  # see layout.py
 
     def forward(
         self,
@@ -31,9 +33,13 @@ class IdeficsAttention(nn.Module):
     ) -> torch.Tensor:
         """x (b, t, d); rope cos/sin (b, t, hd); bool mask (b, 1, t, T) or None for plain causal."""
         b, t, d = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (b, h, t, hd)
-        k = self.k_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        packed = fused_weight(self.qkv_packed, self.q_proj)
+        q, k, v = (
+            (x @ packed).split(d, dim=-1) if packed is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        )
+        q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (b, h, t, hd)
+        k = k.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:
             k, v = cache.update(layer_idx, k, v)  # (b, h, T, hd)

@@ -4,6 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layout import fused_weight
+
 ACT_FNS = {
     "silu": F.silu,
     "relu": F.relu,
@@ -23,11 +25,10 @@ class IdeficsRMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        variance = x.float().pow(2).mean(-1, keepdim=True)
-        x = x * torch.rsqrt(variance + self.variance_epsilon)
+        normed = F.rms_norm(x.float(), x.shape[-1:], eps=self.variance_epsilon)  # fp32 statistic and scaling
         if self.weight.dtype in (torch.float16, torch.bfloat16):
-            x = x.to(self.weight.dtype)
-        return self.weight * x
+            normed = normed.to(self.weight.dtype)
+        return self.weight * normed
 
 
 class IdeficsMLP(nn.Module):
@@ -39,6 +40,11 @@ class IdeficsMLP(nn.Module):
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
         self.act_fn = ACT_FNS[hidden_act]
+        self.gate_up_packed: torch.Tensor | None = None  # see layout.py
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        packed = fused_weight(self.gate_up_packed, self.gate_proj)
+        if packed is not None:
+            gate, up = (x @ packed).chunk(2, dim=-1)  # (..., f) x2
+            return self.down_proj(self.act_fn(gate) * up)
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))

@@ -1,0 +1,54 @@
+"""The CPU decode layout (packed q/k/v and gate/up, re-strided LM head) changes speed only."""
+
+import torch
+from reference import config_dict, make_batch
+
+import idefics
+from idefics.modeling.layout import use_decode_layout
+
+
+def test_layout_keeps_values_outputs_and_checkpoints(reference_checkpoints, tmp_path):
+    import transformers
+
+    name = "resampler_qk_interval2"
+    ref, folder = reference_checkpoints(name)
+    model = idefics.IdeficsForVisionText2Text.from_pretrained(folder)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids, am, pv, iam = make_batch(config_dict(name))
+    batch = dict(input_ids=ids, attention_mask=am, pixel_values=pv, image_attention_mask=iam)
+    with torch.no_grad():
+        expected = model(**batch).logits
+    assert use_decode_layout(model) and not use_decode_layout(model)  # once
+    attn = model.model.layers[0].self_attn
+    assert attn.qkv_packed is not None and attn.q_proj.weight.data_ptr() == attn.qkv_packed.data_ptr()
+    assert not model.lm_head.weight.is_contiguous()
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, expected, atol=1e-5, rtol=0)
+    model.save_pretrained(tmp_path)
+    back = transformers.IdeficsForVisionText2Text.from_pretrained(tmp_path, config=ref.config)
+    assert all(torch.equal(p, before[k]) for k, p in back.state_dict().items())
+
+
+def test_layout_training_and_replaced_weights_use_the_linears(reference_checkpoints):
+    name = "plain_vector_zeros"
+    _, folder = reference_checkpoints(name)
+    model = idefics.IdeficsForVisionText2Text.from_pretrained(folder)
+    use_decode_layout(model)
+    ids, am, pv, iam = make_batch(config_dict(name))
+    batch = dict(input_ids=ids, attention_mask=am, pixel_values=pv, image_attention_mask=iam)
+    model.train()
+    model(**batch, labels=ids).loss.backward()
+    attn = model.model.layers[1].self_attn
+    assert attn.k_proj.weight.grad is not None and attn.k_proj.weight.grad.abs().sum() > 0
+    assert model.model.layers[1].mlp.up_proj.weight.grad.abs().sum() > 0
+    model.eval()
+    with torch.no_grad():
+        expected = model(**batch).logits
+        attn.q_proj.weight.data = attn.q_proj.weight.data.clone() * 0.5  # replaced: the packed copy is stale
+        changed = model(**batch).logits
+    assert not torch.allclose(changed, expected)
+    attn.q_proj.weight.data = attn.q_proj.weight.data * 2.0
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, expected, atol=1e-5, rtol=0)

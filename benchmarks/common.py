@@ -113,3 +113,29 @@ def matvec_bandwidth(nbytes: int, *, dtype=torch.float32, device="cpu", repeat: 
     x = torch.randn(1, cols, device=device).to(dtype)
     seconds = timed(lambda: x @ w.T, repeat=repeat, sync=sync)
     return w.numel() * w.element_size() / seconds
+
+
+@torch.no_grad()
+def randomize_(model: torch.nn.Module) -> None:
+    """Weights with realistic scale (the reference init leaves gates at 0 and many weights at 0 or 1)."""
+    for name, p in model.named_parameters():
+        if "alpha" in name:
+            p.fill_(0.5)
+        elif p.ndim > 1:
+            p.normal_(0, p.shape[-1] ** -0.5)
+
+
+def measure(generators: dict, *, n: int, repeat: int, sync=lambda: None) -> dict[str, tuple[float, float]]:
+    """Median seconds of generate(1) and generate(n) per implementation, interleaved round by round so that
+    drifts of the machine hit both sides alike."""
+    times = {name: ([], []) for name in generators}
+    for gen in generators.values():  # warm-up
+        gen(1), gen(n)
+    for _ in range(repeat):
+        for name, gen in generators.items():
+            for k, bucket in zip((1, n), times[name], strict=True):
+                start = time.perf_counter()
+                gen(k)
+                sync()
+                bucket.append(time.perf_counter() - start)
+    return {name: (statistics.median(t1), statistics.median(tn)) for name, (t1, tn) in times.items()}

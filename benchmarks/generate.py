@@ -11,13 +11,11 @@ time(1 new token) at batch 1 (time to first token). Runs alternate between the i
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-from common import bench_config, decode_weight_bytes, make_inputs, matvec_bandwidth
+from common import bench_config, decode_weight_bytes, make_inputs, matvec_bandwidth, measure, randomize_
 from tqdm import tqdm
 
 import idefics
@@ -28,28 +26,8 @@ def build_checkpoint(cfg: dict, folder: Path):
 
     torch.manual_seed(0)
     model = transformers.IdeficsForVisionText2Text(transformers.IdeficsConfig(**cfg))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "alpha" in name:
-                p.fill_(0.5)
-            elif p.ndim > 1:
-                p.normal_(0, p.shape[-1] ** -0.5)
+    randomize_(model)
     model.save_pretrained(folder, max_shard_size="200MB")
-
-
-def measure(generators: dict, *, n: int, repeat: int) -> dict[str, tuple[float, float]]:
-    """Median seconds of generate(1) and generate(n) per implementation, interleaved round by round so that
-    drifts of the machine hit both sides alike."""
-    times = {name: ([], []) for name in generators}
-    for gen in generators.values():  # warm-up
-        gen(1), gen(n)
-    for _ in range(repeat):
-        for name, gen in generators.items():
-            for k, bucket in zip((1, n), times[name], strict=True):
-                start = time.perf_counter()
-                gen(k)
-                bucket.append(time.perf_counter() - start)
-    return {name: (statistics.median(t1), statistics.median(tn)) for name, (t1, tn) in times.items()}
 
 
 def main() -> None:

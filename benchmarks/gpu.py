@@ -11,10 +11,17 @@ CPU if no GPU is present, to check the script itself.
 from __future__ import annotations
 
 import argparse
-import copy
 
 import torch
-from common import bench_config, decode_weight_bytes, idefics_9b_config, make_inputs, matvec_bandwidth, timed
+from common import (
+    bench_config,
+    decode_weight_bytes,
+    idefics_9b_config,
+    make_inputs,
+    matvec_bandwidth,
+    measure,
+    randomize_,
+)
 from tqdm import tqdm
 
 import idefics
@@ -39,12 +46,7 @@ def main() -> None:
     torch.manual_seed(0)
     with torch.device(device):
         ref = transformers.IdeficsForVisionText2Text(transformers.IdeficsConfig(**cfg, dtype=dtype)).to(dtype).eval()
-    with torch.no_grad():
-        for name, p in ref.named_parameters():
-            if "alpha" in name:
-                p.fill_(0.5)
-            elif p.ndim > 1:
-                p.normal_(0, p.shape[-1] ** -0.5)
+    randomize_(ref)
     config = idefics.IdeficsConfig.from_dict(ref.config.to_dict())
     with torch.device("meta"):
         ours = idefics.IdeficsForVisionText2Text(config)
@@ -58,19 +60,20 @@ def main() -> None:
     if not args.no_reference:
         impls["reference"] = (ref, {})
     n = args.new_tokens
-    results: dict[str, dict[int, float]] = {}
-    for name, b in tqdm([(k, b) for k in impls for b in (1, 16)], desc="benchmarks"):
-        model, extra = impls[name]
+    results: dict[str, dict[int, float]] = {name: {} for name in impls}
+    for b in tqdm((1, 16), desc="batch sizes"):
         inputs = make_inputs(cfg, batch=b, prompt=args.prompt, device=device, dtype=dtype)
 
-        def generate(k, model=model, inputs=inputs, extra=extra):
-            with torch.inference_mode():
-                return model.generate(**copy.copy(inputs), max_new_tokens=k, min_new_tokens=k, do_sample=False,
-                                      **extra)  # fmt: skip
+        def generator(model, extra, inputs=inputs):
+            def generate(k):
+                with torch.inference_mode():
+                    return model.generate(**inputs, max_new_tokens=k, min_new_tokens=k, do_sample=False, **extra)
 
-        t1 = timed(lambda: generate(1), repeat=args.repeat, sync=sync)
-        tn = timed(lambda: generate(n), repeat=args.repeat, sync=sync)
-        results.setdefault(name, {})[b] = b * (n - 1) / (tn - t1)
+            return generate
+
+        gens = {name: generator(*impl) for name, impl in impls.items()}
+        for name, (t1, tn) in measure(gens, n=n, repeat=args.repeat, sync=sync).items():
+            results[name][b] = b * (n - 1) / (tn - t1)
 
     weight_bytes = decode_weight_bytes(ours)
     bandwidth = matvec_bandwidth(weight_bytes, dtype=dtype, device=device, sync=sync)

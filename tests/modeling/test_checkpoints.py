@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from hub_cache import fake_hub_snapshot
 from reference import config_dict, make_batch, reference_model, save_reference
 
 import idefics
@@ -112,12 +113,7 @@ def test_dtype_auto_and_bad_dtype(reference_checkpoints, tmp_path):
 def test_loads_from_hub_cache_offline(reference_checkpoints, tmp_path, monkeypatch):
     """A hub id resolves through the local hub cache with no network."""
     _, folder = reference_checkpoints("plain_vector_zeros")
-    snapshot = tmp_path / "models--HuggingFaceM4--idefics-tiny" / "snapshots" / ("a" * 40)
-    snapshot.mkdir(parents=True)
-    for f in folder.iterdir():
-        (snapshot / f.name).write_bytes(f.read_bytes())
-    (tmp_path / "models--HuggingFaceM4--idefics-tiny" / "refs").mkdir()
-    (tmp_path / "models--HuggingFaceM4--idefics-tiny" / "refs" / "main").write_text("a" * 40)
+    fake_hub_snapshot(tmp_path, "HuggingFaceM4/idefics-tiny", folder)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model = idefics.IdeficsForVisionText2Text.from_pretrained("HuggingFaceM4/idefics-tiny", cache_dir=tmp_path)
     assert model.config.hidden_size == 32

@@ -7,6 +7,7 @@ import huggingface_hub.constants
 import numpy as np
 import pytest
 import torch
+from hub_cache import fake_hub_snapshot
 from PIL import Image
 from tokenizers import Tokenizer
 from tokenizers.models import BPE
@@ -241,12 +242,7 @@ def test_save_pretrained_writes_the_2023_layout_and_reference_reads_it(processor
 
 
 def test_loads_from_the_hub_cache_offline(v5_dir, tmp_path, monkeypatch, sample_images):
-    snapshot = tmp_path / "models--org--tiny-idefics" / "snapshots" / ("0" * 40)
-    snapshot.mkdir(parents=True)
-    for path in v5_dir.iterdir():
-        (snapshot / path.name).write_bytes(path.read_bytes())
-    (tmp_path / "models--org--tiny-idefics" / "refs").mkdir()
-    (tmp_path / "models--org--tiny-idefics" / "refs" / "main").write_text("0" * 40)
+    fake_hub_snapshot(tmp_path, "org/tiny-idefics", v5_dir)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     loaded = IdeficsProcessor.from_pretrained("org/tiny-idefics")

@@ -189,3 +189,11 @@ def test_generation_argument_errors(reference_checkpoints):
         ours.generate(**batch, do_sample=True, top_p=1.5)
     with pytest.raises(ValueError, match="stop_strings need a tokenizer"):
         ours.generate(**batch, stop_strings=["x"])
+    with pytest.raises(ValueError, match="12 tokens and 60 new .* 72 positions exceed the model's 64"):
+        ours.generate(**batch, max_new_tokens=60)
+    with pytest.raises(ValueError, match="input_ids must be integer"):
+        ours.generate(**batch | {"input_ids": batch["input_ids"].float()})
+    no_mask = {k: v for k, v in batch.items() if k != "image_attention_mask"}
+    for beams in (1, 3):
+        with pytest.raises(ValueError, match="image_attention_mask .* is required"):
+            ours.generate(**no_mask, num_beams=beams)

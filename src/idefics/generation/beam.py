@@ -56,6 +56,8 @@ def beam_search(
     # Images are encoded once per row, then shared by its beams.
     image_inputs = {}
     if any(x is not None for x in (pixel_values, image_encoder_embeddings, perceiver_embeddings)):
+        if image_attention_mask is None:
+            raise ValueError("image_attention_mask (batch, text, images) is required when images are given")
         states = model.model.encode_images(
             pixel_values=pixel_values,
             image_encoder_embeddings=image_encoder_embeddings,

@@ -57,7 +57,15 @@ def prefill(
     Returns the last position's logits (b, v) in float32 and the state for `decode_step`. With `compile=True` the
     decode steps run a torch.compile'd fixed-shape step (static cache read whole under a mask; CUDA graphs on GPU).
     """
+    if input_ids.ndim != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"input_ids must be integer (batch, tokens), got {input_ids.dtype} {tuple(input_ids.shape)}")
     b, t = input_ids.shape
+    limit = int(model.config.max_position_embeddings * model.config.rope_scaling_factor)
+    if capacity > limit:
+        raise ValueError(
+            f"the prompt has {t} tokens and {capacity - t} new ones were asked for: {capacity} positions exceed the "
+            f"model's {limit} (max_position_embeddings); shorten the prompt or lower max_new_tokens"
+        )
     if input_ids.device.type == "cpu":
         use_decode_layout(model)
     cache = model.model.new_cache(batch_size=b, capacity=capacity)

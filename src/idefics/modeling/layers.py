@@ -25,9 +25,11 @@ class IdeficsRMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.dtype == torch.float32:  # one fused call; the same arithmetic as below
+            return F.rms_norm(x.float(), x.shape[-1:], self.weight, eps=self.variance_epsilon)
         normed = F.rms_norm(x.float(), x.shape[-1:], eps=self.variance_epsilon)  # fp32 statistic and scaling
         if self.weight.dtype in (torch.float16, torch.bfloat16):
-            normed = normed.to(self.weight.dtype)
+            normed = normed.to(self.weight.dtype)  # cast before the weight multiplies, as the reference does
         return self.weight * normed
 
 

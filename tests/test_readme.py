@@ -20,7 +20,12 @@ def hub_like(v5_dir, tmp_path_factory):
     import transformers
 
     tokenizer = idefics.IdeficsTokenizer.from_pretrained(v5_dir)
-    data = config_dict("resampler_qk_interval2", vocab_size=1000, additional_vocab_size=len(tokenizer) - 1000)
+    data = config_dict(
+        "resampler_qk_interval2",
+        vocab_size=1000,
+        additional_vocab_size=len(tokenizer) - 1000,
+        max_position_embeddings=256,
+    )
     torch.manual_seed(0)
     data["alpha_initializer"] = "zeros"
     ref = transformers.IdeficsForVisionText2Text(transformers.IdeficsConfig(**data))

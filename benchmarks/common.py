@@ -109,8 +109,8 @@ def matvec_bandwidth(nbytes: int, *, dtype=torch.float32, device="cpu", repeat: 
     """Bytes/s of x @ W.T for one vector against a weight matrix of `nbytes` (the streaming bound's denominator)."""
     cols = 1024
     rows = max(1, nbytes // (cols * torch.tensor([], dtype=dtype).element_size()))
-    w = torch.randn(rows, cols, device=device).to(dtype)
-    x = torch.randn(1, cols, device=device).to(dtype)
+    w = torch.randn(rows, cols, device=device, dtype=dtype)
+    x = torch.randn(1, cols, device=device, dtype=dtype)
     seconds = timed(lambda: x @ w.T, repeat=repeat, sync=sync)
     return w.numel() * w.element_size() / seconds
 

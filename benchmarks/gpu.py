@@ -4,13 +4,18 @@
 
 Both implementations share one set of weights (ours attaches the reference's tensors), so a 9b model fits twice on
 an 80 GB card. Prints decode tokens/s at batch 1 and 16 and the fraction of the memory-bandwidth bound (weight bytes
-per decode step / measured bandwidth of x @ W.T over a bf16 matrix as large). `--tiny` runs a small config, on the
-CPU if no GPU is present, to check the script itself.
+per decode step / measured bandwidth of x @ W.T over a bf16 matrix as large), for ours eager, ours with the decode
+step captured as a CUDA graph (`cuda_graphs=True`), ours with `compile=True` (torch.compile + CUDA graph) when
+asked, and the reference. It also prints how many greedy tokens each variant shares with the reference at batch 1
+(bf16 rounding may make long greedy runs part ways). `--tiny` runs a small config, on the CPU if no GPU is present
+(where the CUDA-graph variants are left out), to check the script itself.
 """
 
 from __future__ import annotations
 
 import argparse
+import time
+import traceback
 
 import torch
 from common import (
@@ -55,11 +60,22 @@ def main() -> None:
     ours.eval()
 
     impls = {"ours": (ours, {})}
+    if device == "cuda":
+        impls["ours+graphs"] = (ours, {"cuda_graphs": True})
     if args.compile:
         impls["ours+compile"] = (ours, {"compile": True})
     if not args.no_reference:
         impls["reference"] = (ref, {})
+
+    weight_bytes = decode_weight_bytes(ours)
+    bandwidth = matvec_bandwidth(weight_bytes, dtype=dtype, device=device, sync=sync)
+    bound = bandwidth / weight_bytes
+    gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     n = args.new_tokens
+    print(f"{gpu}: {'tiny' if args.tiny else 'idefics-9b'}-shaped, bf16, prompt {args.prompt}, {n} new tokens")
+    print(f"weights per decode step {weight_bytes / 1e9:.2f} GB; bandwidth {bandwidth / 1e9:.0f} GB/s; "
+          f"bound {bound:.1f} tokens/s at batch 1", flush=True)  # fmt: skip
+
     results: dict[str, dict[int, float]] = {name: {} for name in impls}
     for b in tqdm((1, 16), desc="batch sizes"):
         inputs = make_inputs(cfg, batch=b, prompt=args.prompt, device=device, dtype=dtype)
@@ -71,23 +87,42 @@ def main() -> None:
 
             return generate
 
-        gens = {name: generator(*impl) for name, impl in impls.items()}
-        for name, (t1, tn) in measure(gens, n=n, repeat=args.repeat, sync=sync).items():
-            results[name][b] = b * (n - 1) / (tn - t1)
+        # the compiled variant goes last and alone, so that a long compilation costs no other figure
+        groups = [[i for i in impls if i != "ours+compile"], [i for i in impls if i == "ours+compile"]]
+        for group in groups:
+            gens = {}
+            for name in group:  # warm up (and compile) one at a time, so a failure drops only that variant
+                start = time.perf_counter()
+                try:
+                    out = generator(*impls[name])(n)
+                    sync()
+                except Exception:
+                    traceback.print_exc()
+                    print(f"{name}: failed at batch {b}, left out", flush=True)
+                    continue
+                gens[name] = generator(*impls[name])
+                print(f"batch {b} {name}: first request {time.perf_counter() - start:.1f} s", flush=True)
+                if b == 1:
+                    results[name]["tokens"] = out[0, args.prompt :].cpu()
+            for name, (t1, tn) in measure(gens, n=n, repeat=args.repeat, sync=sync).items():
+                results[name][b] = b * (n - 1) / (tn - t1)
+                print(f"batch {b} {name}: {results[name][b]:.1f} tokens/s", flush=True)
 
-    weight_bytes = decode_weight_bytes(ours)
-    bandwidth = matvec_bandwidth(weight_bytes, dtype=dtype, device=device, sync=sync)
-    bound = bandwidth / weight_bytes
-    gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    print(f"\n{gpu}: {'tiny' if args.tiny else 'idefics-9b'}-shaped, bf16, prompt {args.prompt}, {n} new tokens")
-    print(f"weights per decode step {weight_bytes / 1e9:.2f} GB; bandwidth {bandwidth / 1e9:.0f} GB/s; "
-          f"bound {bound:.1f} tokens/s at batch 1")  # fmt: skip
-    print(f"{'':14}{'b1 tok/s':>10}{'% bound':>9}{'b16 tok/s':>11}")
+    print(f"\n{'':14}{'b1 tok/s':>10}{'% bound':>9}{'b16 tok/s':>11}{'same greedy tokens as ref':>27}")
+    ref_tokens = results.get("reference", {}).get("tokens")
     for name, r in results.items():
-        print(f"{name:14}{r[1]:10.1f}{100 * r[1] / bound:8.0f}%{r[16]:11.1f}")
+        same = "-"
+        if ref_tokens is not None and "tokens" in r:
+            diverge = (r["tokens"] != ref_tokens).nonzero()
+            same = f"{int(diverge[0]) if len(diverge) else n}/{n}"
+        b1, b16 = r.get(1, float("nan")), r.get(16, float("nan"))
+        print(f"{name:14}{b1:10.1f}{100 * b1 / bound:8.0f}%{b16:11.1f}{same:>27}")
     if "reference" in results:
-        o, r = results["ours"], results["reference"]
-        print(f"ratio ours/ref: batch-1 {o[1] / r[1]:.2f}x, batch-16 {o[16] / r[16]:.2f}x")
+        r = results["reference"]
+        for name in [k for k in results if k != "reference"]:
+            o = results[name]
+            print(f"ratio {name}/reference: batch-1 {o.get(1, float('nan')) / r.get(1, float('nan')):.2f}x, "
+                  f"batch-16 {o.get(16, float('nan')) / r.get(16, float('nan')):.2f}x")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Caches for decoding: self-attention K/V per decoder layer, image K/V per gated cross-attention layer.
 
-The self-attention cache is one preallocated buffer per K and V with layout (layers, b, h, capacity, hd); a forward
-writes its new positions in place and attends over the filled prefix. The image cache holds each gated layer's
-projected (and, with `qk_layer_norms`, normalised) image keys and values, computed once per request.
+The self-attention cache is one preallocated (b, h, capacity, hd) buffer per layer for K and for V; a forward writes
+its new positions in place and attends over the filled prefix. (Separate buffers per layer, rather than one stacked
+tensor, let torch.compile update each in place instead of rewriting a whole stacked buffer.) The image cache holds
+each gated layer's projected (and, with `qk_layer_norms`, normalised) image keys and values, computed once per request.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ class KVCache:
         dtype: torch.dtype,
         device: torch.device | str,
     ):
-        shape = (num_layers, batch_size, num_heads, capacity, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)  # (L, b, h, T, hd)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (batch_size, num_heads, capacity, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]  # L x (b, h, T, hd)
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.length = 0  # positions filled, identical for every layer and row
         # Static mode (for torch.compile / CUDA graphs): writes go to the device tensor `pos` and attention reads
         # the whole buffer under a mask, so every decode step has the same shapes and addresses.
@@ -35,29 +36,30 @@ class KVCache:
 
     @property
     def capacity(self) -> int:
-        return self.k.shape[3]
+        return self.k[0].shape[2]
 
     def _grow(self, needed: int) -> None:
         capacity = max(needed, 2 * self.capacity)
-        for name in ("k", "v"):
-            old = getattr(self, name)
-            new = old.new_zeros((*old.shape[:3], capacity, old.shape[4]))
-            new[:, :, :, : self.length] = old[:, :, :, : self.length]
-            setattr(self, name, new)
+        for bufs in (self.k, self.v):
+            for i, old in enumerate(bufs):
+                bufs[i] = old.new_zeros((*old.shape[:2], capacity, old.shape[3]))
+                bufs[i][:, :, : self.length] = old[:, :, : self.length]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (b, h, t, hd) after the filled prefix; return this layer's (b, h, length + t, hd) views
         (static mode: t == 1 written at `pos`, the whole (b, h, capacity, hd) buffers returned)."""
+        k_buf, v_buf = self.k[layer], self.v[layer]
         if self.static:
-            self.k[layer].index_copy_(2, self.pos, k)
-            self.v[layer].index_copy_(2, self.pos, v)
-            return self.k[layer], self.v[layer]
+            k_buf.index_copy_(2, self.pos, k)
+            v_buf.index_copy_(2, self.pos, v)
+            return k_buf, v_buf
         start, end = self.length, self.length + k.shape[2]
         if end > self.capacity:
             self._grow(end)
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+            k_buf, v_buf = self.k[layer], self.v[layer]
+        k_buf[:, :, start:end] = k
+        v_buf[:, :, start:end] = v
+        return k_buf[:, :, :end], v_buf[:, :, :end]
 
     def advance(self, t: int) -> None:
         """Mark t more positions as filled; called once per forward, after every layer wrote them."""
@@ -66,13 +68,13 @@ class KVCache:
 
     def reorder(self, index: torch.Tensor) -> None:
         """Reorder the batch rows in place (beam search): row i becomes old row index[i]."""
-        for buf in (self.k, self.v):
-            filled = buf[:, :, :, : self.length]
-            filled.copy_(filled.index_select(1, index))
+        for buf in (*self.k, *self.v):
+            filled = buf[:, :, : self.length]
+            filled.copy_(filled.index_select(0, index))
 
     @property
     def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
+        return sum(buf.nbytes for buf in (*self.k, *self.v))
 
 
 class IdeficsCache:

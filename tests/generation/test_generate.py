@@ -178,6 +178,48 @@ def test_static_compiled_step_gives_the_same_tokens(reference_checkpoints, monke
     assert torch.equal(ours.generate(**batch, compile=True, **kwargs), expected)
 
 
+def test_static_cache_is_bucketed(reference_checkpoints, monkeypatch):
+    """Static caches come in multiples of STATIC_BUCKET positions (capped by the model's limit), so that compiled
+    shapes repeat across requests of different lengths."""
+    _, ours = load(reference_checkpoints, "resampler_qk_interval2")
+    batch = batch_for("resampler_qk_interval2")
+    monkeypatch.setattr(loop, "STATIC_BUCKET", 32)
+    _, state = prefill(ours, batch["input_ids"], **{k: v for k, v in batch.items() if k != "input_ids"},
+                       capacity=20, cuda_graphs=False, compile=False)  # fmt: skip
+    assert state.cache.kv.capacity == 20 and state.static_step is None
+    monkeypatch.setitem(loop._COMPILED, "step", torch.compile(loop.static_step, backend="eager", fullgraph=True))
+    _, state = prefill(ours, batch["input_ids"], **{k: v for k, v in batch.items() if k != "input_ids"},
+                       capacity=20, compile=True)  # fmt: skip
+    assert state.cache.kv.capacity == 32 and state.cache.kv.static
+    _, state = prefill(ours, batch["input_ids"], **{k: v for k, v in batch.items() if k != "input_ids"},
+                       capacity=60, compile=True)  # fmt: skip
+    assert state.cache.kv.capacity == ours.config.max_position_embeddings == 64
+
+
+def test_cuda_graphs_need_a_cuda_model(reference_checkpoints):
+    _, ours = load(reference_checkpoints, "resampler_qk_interval2")
+    with pytest.raises(ValueError, match="cuda_graphs=True needs .* CUDA device, got cpu"):
+        ours.generate(**batch_for("resampler_qk_interval2"), max_new_tokens=3, cuda_graphs=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and CUDA compilation need a GPU")
+@pytest.mark.parametrize("mode", [dict(cuda_graphs=True), dict(compile=True)], ids=["cuda_graphs", "compile"])
+def test_cuda_static_steps_match_eager(reference_checkpoints, mode):
+    """On a GPU: the CUDA-graph step (eager or compiled) gives the eager loop's tokens, request after request."""
+    ref, ours = load(reference_checkpoints, "resampler_qk_interval2")
+    ours.to("cuda")
+    batch = {k: v.cuda() for k, v in batch_for("resampler_qk_interval2").items()}
+    kwargs = dict(max_new_tokens=8, eos_token_id=5, pad_token_id=0, repetition_penalty=1.5)
+    expected = ours.generate(**batch, **kwargs)
+    with torch.no_grad():
+        reference = ref.generate(**batch_for("resampler_qk_interval2"), do_sample=False, **kwargs)
+    assert torch.equal(expected.cpu(), reference)
+    for _ in range(2):  # a second request captures a new graph over its own cache
+        assert torch.equal(ours.generate(**batch, **mode, **kwargs), expected)
+    one = {k: v[1:2] for k, v in batch.items()}
+    assert torch.equal(ours.generate(**one, **mode, **kwargs), ours.generate(**one, **kwargs))
+
+
 def test_generation_argument_errors(reference_checkpoints):
     _, ours = load(reference_checkpoints, "plain_vector_zeros")
     batch = batch_for("plain_vector_zeros")

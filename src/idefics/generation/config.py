@@ -22,7 +22,8 @@ class GenerationConfig:
     bad_words_ids: list[list[int]] | None = None  # token sequences that may never be generated
     stop_strings: list[str] | str | None = None  # needs a tokenizer
     seed: int | None = None  # seeds a private torch.Generator for sampling
-    compile: bool = False  # torch.compile the decode step over a static cache (CUDA graphs on GPU)
+    compile: bool = False  # torch.compile the decode step over a static cache (and CUDA graphs on GPU)
+    cuda_graphs: bool | None = None  # capture the decode step as a CUDA graph; None: on CUDA when compile=True
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:

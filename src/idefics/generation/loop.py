@@ -8,7 +8,7 @@ consume it. Beam search (beam.py) shares `prefill` and `decode_step`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +16,7 @@ import torch
 from ..cache import IdeficsCache
 from ..modeling.layout import use_decode_layout
 from .config import GenerationConfig
+from .graphs import CudaGraphStep
 from .processors import process
 from .stopping import StopStrings, eos_hits
 
@@ -29,7 +30,7 @@ class DecodeState:
     pad_mask: torch.Tensor | None  # (b, capacity) bool, False on left padding; None when no row is padded
     cross_mask: torch.Tensor | None  # (b, 1, 1, n*s) which image tokens new tokens attend to
     gate: torch.Tensor | None  # (b, 1) False for rows whose new tokens see no image
-    static_step: object | None = None  # compiled fixed-shape decode step (compile=True), else None
+    static_step: Callable[[torch.Tensor], torch.Tensor] | None = None  # tokens (b,) -> logits; compile/graphs
 
 
 @dataclass
@@ -51,11 +52,13 @@ def prefill(
     interpolate_pos_encoding: bool = False,
     capacity: int,
     compile: bool = False,
+    cuda_graphs: bool | None = None,
 ) -> tuple[torch.Tensor, DecodeState]:
     """Run the prompt (b, t) through the model, filling a cache sized for `capacity` positions.
 
-    Returns the last position's logits (b, v) in float32 and the state for `decode_step`. With `compile=True` the
-    decode steps run a torch.compile'd fixed-shape step (static cache read whole under a mask; CUDA graphs on GPU).
+    Returns the last position's logits (b, v) in float32 and the state for `decode_step`. With `compile=True` or
+    `cuda_graphs=True` the decode steps run a fixed-shape step (the static cache read whole under a mask):
+    torch.compile'd with `compile`, captured as a CUDA graph with `cuda_graphs` (default: on CUDA, with `compile`).
     """
     if input_ids.ndim != 2 or input_ids.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"input_ids must be integer (batch, tokens), got {input_ids.dtype} {tuple(input_ids.shape)}")
@@ -66,8 +69,14 @@ def prefill(
             f"the prompt has {t} tokens and {capacity - t} new ones were asked for: {capacity} positions exceed the "
             f"model's {limit} (max_position_embeddings); shorten the prompt or lower max_new_tokens"
         )
-    if input_ids.device.type == "cpu":
-        use_decode_layout(model)
+    if cuda_graphs is None:
+        cuda_graphs = compile and input_ids.device.type == "cuda"
+    if cuda_graphs and input_ids.device.type != "cuda":
+        raise ValueError(f"cuda_graphs=True needs the inputs and model on a CUDA device, got {input_ids.device}")
+    static = compile or cuda_graphs
+    if static:  # a few capacity buckets, so that compiled shapes repeat across requests
+        capacity = min(-(-capacity // STATIC_BUCKET) * STATIC_BUCKET, limit)
+    use_decode_layout(model)
     cache = model.model.new_cache(batch_size=b, capacity=capacity)
     out = model(
         input_ids=input_ids,
@@ -96,12 +105,15 @@ def prefill(
         cross_mask = last.repeat_interleave(s, dim=-1)[:, None, None, :]  # (b, 1, 1, n*s)
         gate = last.any(dim=-1, keepdim=True)  # (b, 1)
     state = DecodeState(cache=cache, positions=positions, pad_mask=pad_mask, cross_mask=cross_mask, gate=gate)
-    if compile:
+    if static:
         cache.kv.static = True
         if state.pad_mask is None:
             state.pad_mask = torch.ones(b, capacity, dtype=torch.bool, device=input_ids.device)
-        state.static_step = compiled_static_step()
+        state.static_step = bind_static_step(model, state, compile=compile, cuda_graphs=cuda_graphs)
     return out.logits[:, -1].float(), state
+
+
+STATIC_BUCKET = 256  # static caches are sized in multiples of this many positions
 
 
 def static_step(model, tokens, positions, valid, kv, image_states, image_kv, cross_mask, gate) -> torch.Tensor:
@@ -119,11 +131,24 @@ _COMPILED = {}
 
 
 def compiled_static_step():
-    """`static_step` compiled once per process (CUDA graphs on GPU via mode="reduce-overhead")."""
+    """`static_step` compiled once per process (one specialisation per batch size and capacity bucket)."""
     if "step" not in _COMPILED:
-        mode = "reduce-overhead" if torch.cuda.is_available() else None
-        _COMPILED["step"] = torch.compile(static_step, mode=mode, fullgraph=True)
+        _COMPILED["step"] = torch.compile(static_step, fullgraph=True, dynamic=False)
     return _COMPILED["step"]
+
+
+def bind_static_step(model, state: DecodeState, *, compile: bool, cuda_graphs: bool):
+    """tokens (b,) -> logits (b, v) over the request's static buffers, compiled and/or captured as a CUDA graph."""
+    fn = compiled_static_step() if compile else static_step
+    cache = state.cache
+
+    def step(tokens: torch.Tensor) -> torch.Tensor:
+        return fn(model, tokens, state.positions, state.pad_mask, cache.kv, cache.image_hidden_states,
+                  cache.image_kv, state.cross_mask, state.gate)  # fmt: skip
+
+    if cuda_graphs:
+        return CudaGraphStep(step, state.positions[:, 0])
+    return lambda tokens: step(tokens).clone()
 
 
 @torch.inference_mode()
@@ -132,17 +157,7 @@ def decode_step(model, tokens: torch.Tensor, state: DecodeState) -> torch.Tensor
     backbone = model.model
     cache = state.cache
     if state.static_step is not None:
-        logits = state.static_step(
-            model,
-            tokens,
-            state.positions,
-            state.pad_mask,
-            cache.kv,
-            cache.image_hidden_states,
-            cache.image_kv,
-            state.cross_mask,
-            state.gate,
-        ).clone()  # the next replay of a CUDA graph overwrites its output
+        logits = state.static_step(tokens)
         cache.kv.advance(1)
         state.positions += 1
         return logits
@@ -203,6 +218,7 @@ def generate_steps(
         attention_mask=attention_mask,
         capacity=t + config.max_new_tokens,
         compile=config.compile,
+        cuda_graphs=config.cuda_graphs,
         **image_inputs,
     )
     vocab = logits.shape[-1]

@@ -35,7 +35,9 @@ class IdeficsAttention(nn.Module):
         b, t, d = x.shape
         packed = fused_weight(self.qkv_packed, self.q_proj)
         q, k, v = (
-            (x @ packed).split(d, dim=-1) if packed is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+            F.linear(x, packed).split(d, dim=-1)
+            if packed is not None
+            else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
         )
         q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (b, h, t, hd)
         k = k.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)

@@ -47,6 +47,6 @@ class IdeficsMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         packed = fused_weight(self.gate_up_packed, self.gate_proj)
         if packed is not None:
-            gate, up = (x @ packed).chunk(2, dim=-1)  # (..., f) x2
+            gate, up = F.linear(x, packed).chunk(2, dim=-1)  # (..., f) x2
             return self.down_proj(self.act_fn(gate) * up)
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))

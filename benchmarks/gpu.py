@@ -40,6 +40,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also measure ours with compile=True")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--no-reference", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="print the GPU kernel time of ours' decode steps")
     args = parser.parse_args()
     import transformers
 
@@ -117,12 +118,48 @@ def main() -> None:
             same = f"{int(diverge[0]) if len(diverge) else n}/{n}"
         b1, b16 = r.get(1, float("nan")), r.get(16, float("nan"))
         print(f"{name:14}{b1:10.1f}{100 * b1 / bound:8.0f}%{b16:11.1f}{same:>27}")
+    if args.profile and device == "cuda":
+        profile(
+            ours, make_inputs(cfg, batch=1, prompt=args.prompt, device=device, dtype=dtype), n, compile=args.compile
+        )
     if "reference" in results:
         r = results["reference"]
         for name in [k for k in results if k != "reference"]:
             o = results[name]
             print(f"ratio {name}/reference: batch-1 {o.get(1, float('nan')) / r.get(1, float('nan')):.2f}x, "
                   f"batch-16 {o.get(16, float('nan')) / r.get(16, float('nan')):.2f}x")  # fmt: skip
+
+
+def profile(model, inputs: dict, n: int, *, compile: bool) -> None:
+    """GPU kernel time per decode step at batch 1 (steps run without a CUDA graph, so that kernels are listed; a
+    1-token request is subtracted to drop the prefill), split into matrix products and the rest."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    def kernels(k: int) -> dict[str, tuple[float, int]]:
+        with torch.inference_mode():
+            model.generate(**inputs, max_new_tokens=k, min_new_tokens=k, do_sample=False, compile=compile,
+                           cuda_graphs=False)  # fmt: skip
+        torch.cuda.synchronize()
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof, torch.inference_mode():
+            model.generate(**inputs, max_new_tokens=k, min_new_tokens=k, do_sample=False, compile=compile,
+                           cuda_graphs=False)  # fmt: skip
+            torch.cuda.synchronize()
+        return {e.key: (e.self_device_time_total, e.count) for e in prof.key_averages() if e.self_device_time_total}
+
+    one, full = kernels(1), kernels(n)
+    steps = {k: ((t - one.get(k, (0, 0))[0]) / (n - 1), (c - one.get(k, (0, 0))[1]) // (n - 1))
+             for k, (t, c) in full.items()}  # fmt: skip
+    total = sum(t for t, _ in steps.values())
+    gemm = sum(
+        t
+        for k, (t, _) in steps.items()
+        if any(w in k.lower() for w in ("gemm", "gemv", "mm_", "cublas", "cutlass", "nvjet"))
+    )
+    print(f"\nprofile, ours {'compile' if compile else 'eager'}, batch 1: kernel time {total / 1e3:.2f} ms per step, "
+          f"{100 * gemm / max(total, 1e-9):.0f}% in matrix products")  # fmt: skip
+    for key, (t, c) in sorted(steps.items(), key=lambda kv: -kv[1][0])[:15]:
+        print(f"{t:9.1f} us {c:5d}x  {key[:100]}")
 
 
 if __name__ == "__main__":

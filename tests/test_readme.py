@@ -45,7 +45,7 @@ def test_readme_examples_run(hub_like, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8)).save("photo.jpg")
     blocks = code_blocks()
-    assert len(blocks) == 2
+    assert len(blocks) == 3
     namespace: dict = {}
     for block in blocks:
         exec(block.replace('"HuggingFaceM4/idefics-9b-instruct"', repr(str(hub_like))), namespace)  # noqa: S102

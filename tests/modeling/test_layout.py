@@ -52,3 +52,40 @@ def test_layout_training_and_replaced_weights_use_the_linears(reference_checkpoi
     attn.q_proj.weight.data = attn.q_proj.weight.data * 2.0
     with torch.no_grad():
         torch.testing.assert_close(model(**batch).logits, expected, atol=1e-5, rtol=0)
+
+
+def test_dense_and_project_paths():
+    """`dense`/`project` match F.linear on the oneDNN path (no gradient, float32 CPU) and fall back to the module or
+    F.linear whenever that path would bypass something: gradients, hooks, adapters that wrap the Linear."""
+    from torch import nn
+
+    from idefics.modeling.layout import _onednn, dense, project
+
+    torch.manual_seed(0)
+    lin = nn.Linear(48, 80, bias=False)
+    x = torch.randn(2, 3, 48)
+    with torch.no_grad():
+        expected = torch.nn.functional.linear(x, lin.weight)
+        torch.testing.assert_close(dense(x, lin.weight), expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(project(lin, x), expected, atol=1e-5, rtol=1e-5)
+    assert _onednn(), "this torch build has oneDNN; the fast path must be taken"
+    out = project(lin, x)  # gradients recorded: the plain module, so backward works
+    out.sum().backward()
+    assert lin.weight.grad is not None
+    calls = []
+    lin.register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        project(lin, x)
+    assert calls == [1]
+
+    class Wrapped(nn.Module):  # what an adapter library puts in place of a Linear
+        def __init__(self):
+            super().__init__()
+            self.base = nn.Linear(48, 80, bias=False)
+
+        def forward(self, x):
+            return self.base(x) + 1.0
+
+    wrapped = Wrapped()
+    with torch.no_grad():
+        torch.testing.assert_close(project(wrapped, x), wrapped.base(x) + 1.0)

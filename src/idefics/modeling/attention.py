@@ -6,7 +6,7 @@ from torch import nn
 
 from ..cache import KVCache
 from ..config import IdeficsConfig
-from .layout import fused_weight
+from .layout import dense, fused_weight, project
 from .rope import apply_rotary
 
 
@@ -35,9 +35,9 @@ class IdeficsAttention(nn.Module):
         b, t, d = x.shape
         packed = fused_weight(self.qkv_packed, self.q_proj)
         q, k, v = (
-            F.linear(x, packed).split(d, dim=-1)
+            dense(x, packed).split(d, dim=-1)
             if packed is not None
-            else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+            else (project(self.q_proj, x), project(self.k_proj, x), project(self.v_proj, x))
         )
         q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (b, h, t, hd)
         k = k.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
@@ -47,4 +47,4 @@ class IdeficsAttention(nn.Module):
             k, v = cache.update(layer_idx, k, v)  # (b, h, T, hd)
         dropout = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None and t > 1)
-        return self.o_proj(y.transpose(1, 2).reshape(b, t, d))
+        return project(self.o_proj, y.transpose(1, 2).reshape(b, t, d))

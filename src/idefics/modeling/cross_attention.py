@@ -14,6 +14,7 @@ from torch import nn
 
 from ..config import IdeficsConfig
 from .layers import IdeficsMLP, IdeficsRMSNorm
+from .layout import project
 
 
 class IdeficsCrossAttention(nn.Module):
@@ -43,12 +44,12 @@ class IdeficsCrossAttention(nn.Module):
     def forward(self, x: torch.Tensor, image_kv: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
         """x (b, t, d); image_kv (b, h, n*s, hd) x2; bool mask (b, 1, t, n*s) -> (b, t, d)."""
         b, t, d = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (b, h, t, hd)
+        q = project(self.q_proj, x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (b, h, t, hd)
         if self.qk_layer_norms:
             q = self.q_layer_norm(q)
         dropout = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, *image_kv, attn_mask=mask, dropout_p=dropout)  # (b, h, t, hd)
-        return self.o_proj(y.transpose(1, 2).reshape(b, t, d))
+        return project(self.o_proj, y.transpose(1, 2).reshape(b, t, d))
 
 
 class IdeficsGatedCrossAttentionLayer(nn.Module):

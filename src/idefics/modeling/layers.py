@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layout import fused_weight
+from .layout import dense, fused_weight, project
 
 ACT_FNS = {
     "silu": F.silu,
@@ -47,6 +47,6 @@ class IdeficsMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         packed = fused_weight(self.gate_up_packed, self.gate_proj)
         if packed is not None:
-            gate, up = F.linear(x, packed).chunk(2, dim=-1)  # (..., f) x2
-            return self.down_proj(self.act_fn(gate) * up)
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+            gate, up = dense(x, packed).chunk(2, dim=-1)  # (..., f) x2
+            return project(self.down_proj, self.act_fn(gate) * up)
+        return project(self.down_proj, self.act_fn(project(self.gate_proj, x)) * project(self.up_proj, x))

@@ -31,18 +31,20 @@ class IdeficsAttention(nn.Module):
         cache: KVCache | None = None,
         layer_idx: int = 0,
     ) -> torch.Tensor:
-        """x (b, t, d); rope cos/sin (b, t, hd); bool mask (b, 1, t, T) or None for plain causal."""
+        """x (b, t, d); rope cos/sin (b, t, 1, hd); bool mask (b, 1, t, T) or None for plain causal."""
         b, t, d = x.shape
+        h, hd = self.num_heads, self.head_dim
+        cos, sin = rope
         packed = fused_weight(self.qkv_packed, self.q_proj)
-        q, k, v = (
-            dense(x, packed).split(d, dim=-1)
-            if packed is not None
-            else (project(self.q_proj, x), project(self.k_proj, x), project(self.v_proj, x))
-        )
-        q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (b, h, t, hd)
-        k = k.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        v = v.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if packed is not None:
+            qkv = dense(x, packed).view(b, t, 3 * h, hd)
+            qk = apply_rotary(qkv[:, :, : 2 * h], cos, sin)  # q and k heads rotated together
+            q, k, v = qk[:, :, :h], qk[:, :, h:], qkv[:, :, 2 * h :]
+        else:
+            q = apply_rotary(project(self.q_proj, x).view(b, t, h, hd), cos, sin)
+            k = apply_rotary(project(self.k_proj, x).view(b, t, h, hd), cos, sin)
+            v = project(self.v_proj, x).view(b, t, h, hd)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (b, h, t, hd)
         if cache is not None:
             k, v = cache.update(layer_idx, k, v)  # (b, h, T, hd)
         dropout = self.dropout if self.training else 0.0

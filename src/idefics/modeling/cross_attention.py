@@ -3,7 +3,7 @@
     x = x + tanh(alpha_cross_attn) * gate * CrossAttn(RMSNorm(x), image)
     x = x + tanh(alpha_dense) * MLP(RMSNorm(x))
 
-`gate` (b, t) is 0 for tokens that attend to no image: their cross-attention output is exactly zero, while the dense
+`gate` (b, t, 1) is 0 for tokens that attend to no image: their cross-attention output is exactly zero, while the dense
 branch still runs for every token. The image keys and values do not depend on the text, so `project_image` computes
 them once and the cache reuses them at every decoding step.
 """
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import IdeficsConfig
-from .layers import IdeficsMLP, IdeficsRMSNorm
+from .layers import IdeficsMLP, IdeficsRMSNorm, dropout
 from .layout import project
 
 
@@ -83,10 +83,10 @@ class IdeficsGatedCrossAttentionLayer(nn.Module):
         mask: torch.Tensor | None,
         gate: torch.Tensor | None,
     ) -> torch.Tensor:
-        """x (b, t, d); gate (b, t) in {0, 1}; image_kv None means no token attends to an image."""
+        """x (b, t, d); gate (b, t, 1) 0/1 in x's dtype; image_kv None means no token attends to an image."""
         if image_kv is not None:
             h = self.cross_attn(self.input_layernorm(x), image_kv, mask)
-            h = F.dropout(h, self.dropout, self.training) * gate.unsqueeze(-1).to(h.dtype)
+            h = dropout(h, self.dropout, self.training) * gate
             x = x + torch.tanh(self.alpha_cross_attn) * h
-        h = F.dropout(self.mlp(self.post_attention_layernorm(x)), self.dropout, self.training)
+        h = dropout(self.mlp(self.post_attention_layernorm(x)), self.dropout, self.training)
         return x + torch.tanh(self.alpha_dense) * h

@@ -16,6 +16,11 @@ ACT_FNS = {
 }
 
 
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """F.dropout, skipped outright when it is the identity (no call per layer per decoding step)."""
+    return F.dropout(x, p, True) if training and p > 0 else x
+
+
 class IdeficsRMSNorm(nn.Module):
     """LLaMA RMSNorm: the statistic is computed in fp32, the result cast back to a half-precision weight's dtype."""
 

@@ -228,7 +228,7 @@ class IdeficsModel(PretrainedMixin, nn.Module):
 
         if position_ids is None:
             position_ids = position_ids_from(attention_mask, t, past, x.device)
-        rope = self.rotary_emb(position_ids, x.dtype)  # (b, t, hd) x2
+        rope = self.rotary_emb(position_ids, x.dtype)  # (b, t, 1, hd) x2
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None
         mask = causal_mask(attention_mask, t, past)
@@ -259,6 +259,8 @@ class IdeficsModel(PretrainedMixin, nn.Module):
         project them (training, so gradients reach the vision side); with neither no token sees an image.
         """
         interval = self.config.cross_layer_interval
+        if gate is not None:
+            gate = gate.unsqueeze(-1).to(x.dtype)  # (b, t, 1), once for every gated layer
         for i, layer in enumerate(self.layers):
             if i % interval == 0:
                 gated = self.gated_cross_attn_layers[i // interval]

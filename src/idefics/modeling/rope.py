@@ -28,17 +28,18 @@ class IdeficsRotaryEmbedding(nn.Module):
         self.inv_freq = self._inv_freq(device)
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """position_ids (b, t) -> cos, signed sin (b, t, 1, hd) for `apply_rotary` on (b, t, heads, hd)."""
         freqs = position_ids.unsqueeze(-1).float() * self.inv_freq  # (b, t, hd/2)
-        emb = torch.cat([freqs, freqs], dim=-1)  # (b, t, hd)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
+        cos, sin = freqs.cos(), freqs.sin()
+        cos = torch.cat([cos, cos], dim=-1).to(dtype)  # (b, t, hd)
+        sin = torch.cat([-sin, sin], dim=-1).to(dtype)  # the sign of rotate_half folded in
+        return cos.unsqueeze(2), sin.unsqueeze(2)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (b, h, t, hd); cos/sin (b, t, hd)."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (b, 1, t, hd)
-    return x * cos + rotate_half(x) * sin
+    """x (b, t, heads, hd); cos, signed sin (b, t, 1, hd).
+
+    LLaMA's x * cos + rotate_half(x) * sin, where rotate_half(x) = cat(-x2, x1): with the sign folded into sin this is
+    x * cos + cat(x2, x1) * sin, and cat(x2, x1) is a roll by hd/2 (the same products, bit for bit).
+    """
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin

@@ -1,13 +1,12 @@
 """LLaMA decoder layer: pre-norm self-attention and SwiGLU MLP, each with a residual."""
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..cache import KVCache
 from ..config import IdeficsConfig
 from .attention import IdeficsAttention
-from .layers import IdeficsMLP, IdeficsRMSNorm
+from .layers import IdeficsMLP, IdeficsRMSNorm, dropout
 
 
 class IdeficsDecoderLayer(nn.Module):
@@ -29,6 +28,6 @@ class IdeficsDecoderLayer(nn.Module):
     ) -> torch.Tensor:
         """x (b, t, d) -> (b, t, d)."""
         h = self.self_attn(self.input_layernorm(x), rope, mask, cache=cache, layer_idx=layer_idx)
-        x = x + F.dropout(h, self.dropout, self.training)
+        x = x + dropout(h, self.dropout, self.training)
         h = self.mlp(self.post_attention_layernorm(x))
-        return x + F.dropout(h, self.dropout, self.training)
+        return x + dropout(h, self.dropout, self.training)

@@ -148,7 +148,7 @@ def bind_static_step(model, state: DecodeState, *, compile: bool, cuda_graphs: b
 
     if cuda_graphs:
         return CudaGraphStep(step, state.positions[:, 0])
-    return lambda tokens: step(tokens).clone()
+    return step  # without a graph, every call returns a fresh tensor
 
 
 @torch.inference_mode()

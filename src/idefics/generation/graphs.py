@@ -19,16 +19,17 @@ class CudaGraphStep:
     they only write this position's keys and values, which the first replay overwrites with the real token's.
     """
 
-    def __init__(self, step: Callable[[torch.Tensor], torch.Tensor], tokens: torch.Tensor, *, warmup: int = 2):
-        if tokens.device.type != "cuda":
-            raise ValueError(f"CUDA graphs need a model on a CUDA device, this one is on {tokens.device}")
-        self.tokens = torch.zeros_like(tokens)  # (b,) static input
-        side = torch.cuda.Stream(device=tokens.device)
-        side.wait_stream(torch.cuda.current_stream(tokens.device))
+    def __init__(self, step: Callable[[torch.Tensor], torch.Tensor], batch_size: int, device: torch.device, *,
+                 warmup: int = 2):  # fmt: skip
+        if device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a model on a CUDA device, this one is on {device}")
+        self.tokens = torch.zeros(batch_size, dtype=torch.long, device=device)  # (b,) static input
+        side = torch.cuda.Stream(device=device)
+        side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
             for _ in range(warmup):
                 step(self.tokens)
-        torch.cuda.current_stream(tokens.device).wait_stream(side)
+        torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.logits = step(self.tokens)  # (b, v) static output

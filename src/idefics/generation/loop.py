@@ -147,7 +147,7 @@ def bind_static_step(model, state: DecodeState, *, compile: bool, cuda_graphs: b
                   cache.image_kv, state.cross_mask, state.gate)  # fmt: skip
 
     if cuda_graphs:
-        return CudaGraphStep(step, state.positions[:, 0])
+        return CudaGraphStep(step, state.positions.shape[0], state.positions.device)
     return step  # without a graph, every call returns a fresh tensor
 
 

@@ -187,6 +187,7 @@ def test_saved_config_loads_in_the_reference(tmp_path, sample_images):
 def test_loads_both_layouts(v5_dir, hub2023_dir):
     assert IdeficsImageProcessor.from_pretrained(v5_dir) == IdeficsImageProcessor()
     assert IdeficsImageProcessor.from_pretrained(hub2023_dir) == IdeficsImageProcessor()
+    assert IdeficsImageProcessor.from_pretrained(v5_dir, image_size=28).image_size == 28  # kwargs override the file
 
 
 @pytest.mark.parametrize(

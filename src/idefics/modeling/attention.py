@@ -35,7 +35,7 @@ class IdeficsAttention(nn.Module):
         b, t, d = x.shape
         h, hd = self.num_heads, self.head_dim
         cos, sin = rope
-        packed = fused_weight(self.qkv_packed, self.q_proj)
+        packed = fused_weight(self.qkv_packed, self.q_proj, self.k_proj, self.v_proj)
         if packed is not None:
             qkv = dense(x, packed).view(b, t, 3 * h, hd)
             qk = apply_rotary(qkv[:, :, : 2 * h], cos, sin)  # q and k heads rotated together

@@ -79,11 +79,16 @@ class IdeficsGatedCrossAttentionLayer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        image_kv: tuple[torch.Tensor, torch.Tensor] | None,
+        image_kv: tuple[torch.Tensor, torch.Tensor] | torch.Tensor | None,
         mask: torch.Tensor | None,
         gate: torch.Tensor | None,
     ) -> torch.Tensor:
-        """x (b, t, d); gate (b, t, 1) 0/1 in x's dtype; image_kv None means no token attends to an image."""
+        """x (b, t, d); gate (b, t, 1) 0/1 in x's dtype; image_kv None means no token attends to an image.
+
+        `image_kv` is the projected image keys/values, or the image states (b, n, s, d_img) to project here (training,
+        so that a sharded or checkpointed layer computes them inside its own call)."""
+        if isinstance(image_kv, torch.Tensor):
+            image_kv = self.cross_attn.project_image(image_kv.flatten(1, 2).to(x.dtype))
         if image_kv is not None:
             h = self.cross_attn(self.input_layernorm(x), image_kv, mask)
             h = dropout(h, self.dropout, self.training) * gate

@@ -50,7 +50,7 @@ class IdeficsMLP(nn.Module):
         self.gate_up_packed: torch.Tensor | None = None  # see layout.py
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        packed = fused_weight(self.gate_up_packed, self.gate_proj)
+        packed = fused_weight(self.gate_up_packed, self.gate_proj, self.up_proj)
         if packed is not None:
             gate, up = dense(x, packed).chunk(2, dim=-1)  # (..., f) x2
             return project(self.down_proj, self.act_fn(gate) * up)

@@ -14,6 +14,8 @@ larger matrix-vector products stream faster, so for inference:
 
 Values, shapes, names and `requires_grad` are unchanged (checkpoints save as before, training still uses the Linear
 weights); a module whose weights were replaced since (`.to()`, `load_state_dict(assign=True)`) falls back to them.
+Only plain nn.Linears are packed or bypassed: a group with an adapter (a LoRA wrapper is an nn.Linear subclass) or a
+hook on one of its Linears runs the modules themselves.
 """
 
 from __future__ import annotations
@@ -34,12 +36,19 @@ def _pack(linears: list[nn.Linear]) -> torch.Tensor:
     return packed
 
 
-def fused_weight(packed: torch.Tensor | None, first: nn.Linear) -> torch.Tensor | None:
-    """The packed weight, if it may be used now: no gradient recorded and still shared with the Linear weights.
-    Compiled code cannot trace the pointer check; `use_decode_layout` drops stale packs before every generation."""
-    if packed is None or torch.is_grad_enabled():
+def _plain(linear: nn.Module) -> bool:
+    """A bias-free nn.Linear itself (not a subclass such as an adapter) without hooks: its forward may be skipped."""
+    hooked = linear._forward_hooks or linear._forward_pre_hooks
+    return type(linear) is nn.Linear and linear.bias is None and not hooked
+
+
+def fused_weight(packed: torch.Tensor | None, *linears: nn.Module) -> torch.Tensor | None:
+    """The packed weight of `linears`, if it may be used now: no gradient recorded, every Linear still plain and
+    still sharing its weight with the pack. Compiled code cannot trace the pointer check; `use_decode_layout` drops
+    stale packs before every generation."""
+    if packed is None or torch.is_grad_enabled() or not all(_plain(lin) for lin in linears):
         return None
-    if not torch.compiler.is_compiling() and first.weight.data_ptr() != packed.data_ptr():
+    if not torch.compiler.is_compiling() and linears[0].weight.data_ptr() != packed.data_ptr():
         return None
     return packed
 
@@ -77,7 +86,7 @@ def dense(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 def project(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """linear(x), with `dense`'s fast path for a plain bias-free nn.Linear without hooks (adapters such as LoRA
     wrappers, and hooked modules, are called as usual)."""
-    if type(linear) is nn.Linear and linear.bias is None and not (linear._forward_hooks or linear._forward_pre_hooks):
+    if _plain(linear):
         return dense(x, linear.weight)
     return linear(x)
 
@@ -93,23 +102,29 @@ def _groups(model: nn.Module):
 
 
 def use_decode_layout(model: nn.Module) -> bool:
-    """Pack a CUDA model's or a float32 CPU model's decoder weights (and re-stride the CPU LM head), once; on later
-    calls, drop packed weights whose Linears were replaced since. Returns whether it packed now."""
-    if getattr(model, "_decode_layout", False):
-        for module, attr, linears in _groups(model):
-            packed = getattr(module, attr)
-            if packed is not None and linears[0].weight.data_ptr() != packed.data_ptr():
-                setattr(module, attr, None)
-        return False
+    """Bring a CUDA model's or a float32 CPU model's decode layout up to date; call it before every generation.
+
+    Groups of plain Linears get a pack (again, if their weights were replaced since); groups where an adapter or a
+    hook now wraps a Linear lose theirs. The CPU LM head is re-strided once. Returns whether it packed anything.
+    """
     lm_head = model.lm_head
     device = lm_head.weight.device.type
     cpu = device == "cpu" and lm_head.weight.dtype == torch.float32
     if not (cpu or device == "cuda"):
         return False
-    model._decode_layout = True
-    with torch.no_grad():
+    packed_now = False
+    # Normal tensors even when called under inference_mode (generation): the Linear weights become views of the
+    # packs, and inference tensors could not be used by a training step afterwards.
+    with torch.inference_mode(False), torch.no_grad():
         for module, attr, linears in _groups(model):
-            setattr(module, attr, _pack(linears))
-        if cpu and lm_head.weight is not model.model.embed_tokens.weight:  # a tied table keeps its row layout
+            packed = getattr(module, attr)
+            if not all(_plain(lin) for lin in linears):
+                setattr(module, attr, None)
+            elif packed is None or linears[0].weight.data_ptr() != packed.data_ptr():
+                setattr(module, attr, _pack(linears))
+                packed_now = True
+        tied = lm_head.weight is model.model.embed_tokens.weight  # a tied table keeps its row layout
+        if cpu and not tied and not getattr(model, "_decode_layout", False):
             lm_head.weight.data = lm_head.weight.data.T.contiguous().T
-    return True
+    model._decode_layout = True
+    return packed_now

@@ -7,6 +7,9 @@ image, d width, h heads, hd head width, v vocabulary (regular + additional).
 
 from __future__ import annotations
 
+import os
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,6 +27,9 @@ from .pretrained import PretrainedMixin
 from .rope import IdeficsRotaryEmbedding
 from .text import IdeficsDecoderLayer
 from .vision import IdeficsVisionTransformer
+
+if TYPE_CHECKING:
+    from ..training.lora import LoraConfig
 
 
 def causal_mask(attention_mask: torch.Tensor | None, t: int, past: int) -> torch.Tensor | None:
@@ -266,17 +272,12 @@ class IdeficsModel(PretrainedMixin, nn.Module):
                 gated = self.gated_cross_attn_layers[i // interval]
                 if image_kv is not None:
                     x = self._run(gated, x, image_kv[i // interval], cross_mask, gate)
-                elif image_states is not None:
-                    x = self._run(self._gated_with_projection, gated, x, image_states, cross_mask, gate)
+                elif image_states is not None:  # projected inside the layer (its own call, for FSDP and checkpointing)
+                    x = self._run(gated, x, image_states, cross_mask, gate)
                 else:
                     x = self._run(gated, x, None, None, None)
             x = self._run(layer, x, rope, mask, kv, i)
         return x
-
-    @staticmethod
-    def _gated_with_projection(gated, x, image_states, cross_mask, gate):
-        image_kv = gated.cross_attn.project_image(image_states.flatten(1, 2).to(x.dtype))
-        return gated(x, image_kv, cross_mask, gate)
 
     def new_cache(self, *, batch_size: int, capacity: int) -> IdeficsCache:
         """An empty cache for `batch_size` rows with room for `capacity` positions (it grows if needed)."""
@@ -367,6 +368,45 @@ class IdeficsForVisionText2Text(PretrainedMixin, nn.Module):
             image_hidden_states=out.image_hidden_states,
             last_hidden_state=hidden,
         )
+
+    # -- LoRA adapters (training/lora.py; files in PEFT's format) --------------------------------------------------
+    @property
+    def adapter_config(self) -> LoraConfig | None:
+        """The attached adapter's config, or None."""
+        from ..training import lora
+
+        return lora.adapter_config(self)
+
+    def add_adapter(self, config: LoraConfig) -> None:
+        """Wrap the targeted Linears in LoRA layers, give `modules_to_save` trainable copies, freeze the rest."""
+        from ..training import lora
+
+        lora.add_adapter(self, config)
+
+    def load_adapter(self, path_or_id: str | os.PathLike, *, merge: bool = False) -> None:
+        """Attach an adapter saved by `save_adapter` or by peft (folder or hub id); fold it in with `merge`."""
+        from ..training import lora
+
+        lora.load_adapter(self, path_or_id, merge=merge)
+
+    def save_adapter(self, directory: str | os.PathLike, *, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Write `adapter_config.json` + `adapter_model.safetensors`, which peft's PeftModel loads too.
+        `state_dict` ({parameter name: tensor}, e.g. gathered from FSDP) is written instead of the model's own."""
+        from ..training import lora
+
+        lora.save_adapter(self, directory, state_dict=state_dict)
+
+    def merge_adapter(self) -> None:
+        """Fold the adapter into the base weights and drop the LoRA layers."""
+        from ..training import lora
+
+        lora.merge_adapter(self)
+
+    def delete_adapter(self) -> None:
+        """Remove the adapter; the model is the base model again, bit for bit."""
+        from ..training import lora
+
+        lora.delete_adapter(self)
 
     def generate(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
         """Generate after the prompt (b, t) -> (b, t + new); see `idefics.generation.generate` for the arguments."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -54,6 +55,7 @@ class PretrainedMixin:
 
     config: IdeficsConfig
     checkpoint_prefix: str = ""
+    name_or_path: str | None = None  # the folder or hub id `from_pretrained` read (an adapter's base model)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -93,13 +95,20 @@ class PretrainedMixin:
         strict: bool = True,
         config: IdeficsConfig | None = None,
         torch_dtype: torch.dtype | str | None = None,
+        adapter: str | os.PathLike | None = None,
+        merge: bool = False,
     ):
         """Load a checkpoint from a local folder or a hub id (the local hub cache works offline).
 
         The model is built on the meta device and the memory-mapped checkpoint tensors are attached, cast to `dtype`
         on the way (default float32; "auto" keeps the checkpoint's dtype): no random init, no second copy.
-        `torch_dtype` is accepted as an alias of `dtype`. The returned model is in eval mode.
+        `torch_dtype` is accepted as an alias of `dtype`. `adapter` (a LoRA folder or hub id, ours or peft's) is
+        attached after the weights, and folded into them with `merge`. The returned model is in eval mode.
         """
+        if (adapter is not None or merge) and not hasattr(cls, "load_adapter"):
+            raise TypeError(f"{cls.__name__} takes no adapter; load it into IdeficsForVisionText2Text")
+        if merge and adapter is None:
+            raise ValueError("merge=True needs an adapter=")
         if torch_dtype is not None:
             if dtype is not None:
                 raise ValueError("pass dtype or torch_dtype, not both")
@@ -125,10 +134,24 @@ class PretrainedMixin:
         for module in model.modules():
             if hasattr(module, "reset_buffers"):
                 module.reset_buffers(device or "cpu")
+        model.name_or_path = os.fspath(path_or_id)
+        if adapter is not None:
+            model.load_adapter(adapter, merge=merge)
         return model.eval()
 
     def save_pretrained(self, directory: str | os.PathLike, *, max_shard_size: int | str = "5GB") -> None:
-        """Write `config.json` and (sharded) safetensors that both this package and transformers load."""
+        """Write `config.json` and (sharded) safetensors that both this package and transformers load.
+
+        Refused while an unmerged LoRA adapter is attached: neither the base alone (the training would be silently
+        dropped) nor base + `lora_*` keys (a checkpoint nobody loads) is what the caller wants. `save_adapter` writes
+        the adapter; `merge_adapter` first saves a model with it folded in; `delete_adapter` first saves the base.
+        """
+        lora = sys.modules.get("idefics.training.lora")  # no adapter exists before that module is imported
+        if lora is not None and any(isinstance(module, lora.LoraLinear) for module in self.modules()):
+            raise ValueError(
+                "an unmerged LoRA adapter is attached: save_adapter() writes it; call merge_adapter() first to save "
+                "the model with it folded in, or delete_adapter() to save the base model"
+            )
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.config.save_pretrained(directory)

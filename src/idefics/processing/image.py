@@ -283,7 +283,7 @@ class IdeficsImageProcessor:
         fields = {name: config[name] for name in names if config.get(name) is not None}
         if image_size is not None:
             fields["image_size"] = image_size
-        return cls(**fields, **kwargs)
+        return cls(**(fields | kwargs))  # kwargs override the file
 
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str | os.PathLike, *, revision: str | None = None, **kwargs):

@@ -1,0 +1,40 @@
+"""The `idefics` command (also `python -m idefics`): one subcommand per job, each a thin layer over a library
+function that a notebook can call too.
+
+A subcommand module has `add_parser(subparsers)` (which sets `func` on its parser) and raises `UserError` for
+mistakes in what the user asked: those print one line on stderr and exit with status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from .errors import UserError
+
+SUBCOMMANDS = ("finetune",)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="idefics", description="IDEFICS vision-language models: generate, fine-tune (and more to come)."
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="{" + ",".join(SUBCOMMANDS) + "}", required=True)
+    for name in SUBCOMMANDS:
+        importlib.import_module(f".{name}", __name__).add_parser(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as err:
+        print(f"idefics {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"idefics {args.command}: interrupted", file=sys.stderr)
+        return 130

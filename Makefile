@@ -4,7 +4,7 @@ PIP := $(VENV)/bin/pip
 # The CPU build of torch: an unpinned torch pulls a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: install test lint bench-load bench-image bench-generate clean
+.PHONY: install demo demo-model test lint bench-load bench-image bench-generate bench-finetune clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -14,6 +14,19 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 install: $(VENV)/.installed
+
+# The demo model (idefics.DEMO_MODEL) answering questions about the two example images.
+demo: install
+	@for image in examples/red_circle.png examples/blue_triangle.png; do \
+	  for question in "What color is the shape?" "What shape is this?" "Describe the image."; do \
+	    printf '%s  User: %s\n%*sAssistant: ' "$$image" "$$question" $${#image} ""; \
+	    $(VENV)/bin/idefics generate --image "$$image" "$$question" || exit 1; \
+	  done; \
+	done
+
+# Retrain the demo model from scratch (rendered data, tokenizer, `idefics finetune --config recipes/demo.yaml`).
+demo-model: install
+	$(PY) -m idefics.demo --recipe recipes/demo.yaml --install src/idefics/demo_model
 
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks
@@ -30,6 +43,9 @@ bench-image: install
 
 bench-generate: install
 	$(PY) benchmarks/generate.py
+
+bench-finetune: install
+	$(PY) benchmarks/finetune.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache

@@ -146,3 +146,72 @@ def test_warmup_cosine_schedule():
     assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
     assert lrs[4:] == pytest.approx([0.5 * (1 + math.cos(math.pi * k / 7)) for k in range(1, 7)])
     assert all(a > b for a, b in zip(lrs[3:], lrs[4:], strict=False))
+
+
+def test_gradient_checkpointing_and_epochs(finetune_env, tmp_path):
+    """Recomputing layers in the backward changes no number; --epochs 1 with 12 rows in steps of 4 is 3 steps."""
+    opts = dict(epochs=1, batch_size=2, grad_accum=2, full=True)
+    plain = run(finetune_env, tmp_path / "plain", **opts)
+    recomputed = run(finetune_env, tmp_path / "ckpt", gradient_checkpointing=True, **opts)
+    assert plain.step == 3 and plain.losses == pytest.approx(recomputed.losses, abs=1e-6)
+
+
+def test_bf16_trains_float32_master_weights_over_a_bf16_base(finetune_env, tmp_path, monkeypatch):
+    from idefics.training import loop
+
+    built = []
+    monkeypatch.setattr(loop, "build_model", lambda *a, build=loop.build_model: built.append(build(*a)) or built[-1])
+    result = run(finetune_env, tmp_path / "out", max_steps=2, batch_size=2, bf16=True, **LORA)
+    model = built[0]
+    dtypes = {p.dtype for p in model.parameters() if p.requires_grad}
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+    assert dtypes == {torch.float32} and frozen == {torch.bfloat16}
+    assert all(math.isfinite(loss) for loss in result.losses)
+    assert load_file(tmp_path / "out" / "adapter_model.safetensors")  # the adapter is written (float32)
+
+
+def test_compiled_layers_give_the_same_losses(finetune_env, tmp_path, monkeypatch):
+    """--compile: every layer goes through torch.compile and the numbers do not move. The graphs run through
+    aot_eager here (dynamo's capture and AOT autograd, eager kernels): inductor's C++ build takes minutes on 2 cores
+    and was checked on a GPU (BENCHMARKS.md)."""
+    compiled = []
+
+    def compile_with_aot_eager(module, **kwargs):
+        compiled.append(module)
+        original_compile(module, backend="aot_eager", **kwargs)
+
+    original_compile = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", compile_with_aot_eager)
+    opts = dict(max_steps=2, batch_size=2, gradient_checkpointing=True, **LORA)
+    eager = run(finetune_env, tmp_path / "eager", **opts)
+    torch._dynamo.reset()
+    fused = run(finetune_env, tmp_path / "compiled", compile=True, **opts)
+    assert len(compiled) == 2 + 4 + 2  # vision, decoder and gated layers of the tiny config
+    assert fused.losses == pytest.approx(eager.losses, abs=1e-5)
+
+
+def test_loss_at_labelled_positions_only_equals_the_full_loss(reference_checkpoints):
+    """`return_logits=False` runs the LM head only where a label is; the loss (mean or sum) and its gradient are the
+    full-logits loss's."""
+    from reference import config_dict, make_batch
+
+    _, folder = reference_checkpoints("resampler_qk_interval2")
+    model = IdeficsForVisionText2Text.from_pretrained(folder).train()
+    ids, mask, pixels, image_mask = make_batch(config_dict("resampler_qk_interval2"))
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :6] = -100
+    inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_attention_mask=image_mask)
+    for reduction in ("mean", "sum"):
+        full = model(**inputs, labels=labels, loss_reduction=reduction)
+        model.zero_grad()
+        full.loss.backward()
+        expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad()
+        sparse = model(**inputs, labels=labels, loss_reduction=reduction, return_logits=False)
+        sparse.loss.backward()
+        assert sparse.logits is None
+        torch.testing.assert_close(sparse.loss, full.loss, atol=1e-5, rtol=1e-6)
+        for name, grad in expected.items():
+            torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="needs labels"):
+        model(**inputs, return_logits=False)

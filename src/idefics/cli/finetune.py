@@ -58,6 +58,7 @@ def add_parser(subparsers) -> None:
     opt.add_argument("--max-grad-norm", type=float, help="clip the gradient norm; 0 disables (default 1)")
     opt.add_argument("--bf16", action="store_true", help="bfloat16 autocast (float32 master weights)")
     opt.add_argument("--gradient-checkpointing", action="store_true", help="recompute layers in the backward")
+    opt.add_argument("--compile", action="store_true", help="torch.compile each layer (GPU: faster after warm-up)")
     opt.add_argument("--seed", type=int, help="data order, adapter init, dropout (default 0)")
     opt.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     run = p.add_argument_group("evaluation and checkpoints")

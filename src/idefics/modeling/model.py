@@ -276,7 +276,9 @@ class IdeficsModel(PretrainedMixin, nn.Module):
                     x = self._run(gated, x, image_states, cross_mask, gate)
                 else:
                     x = self._run(gated, x, None, None, None)
-            x = self._run(layer, x, rope, mask, kv, i)
+            # The layer index matters only with a cache; leaving it out otherwise lets one compiled graph serve
+            # every layer (torch.compile specialises on int arguments).
+            x = self._run(layer, x, rope, mask, kv, i) if kv is not None else self._run(layer, x, rope, mask)
         return x
 
     def new_cache(self, *, batch_size: int, capacity: int) -> IdeficsCache:
@@ -294,11 +296,23 @@ class IdeficsModel(PretrainedMixin, nn.Module):
         return IdeficsCache(kv)
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over the whole vocabulary (regular + additional); label -100 is ignored."""
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, *, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy over the whole vocabulary (regular + additional); label -100 is ignored.
+    logits (b, t, v), labels (b, t); `reduction` "mean" (per label token) or "sum"."""
     logits = logits[:, :-1].float()  # (b, t-1, v)
     targets = labels[:, 1:].to(logits.device)  # (b, t-1)
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction=reduction
+    )
+
+
+def labelled_lm_loss(lm_head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, *, reduction: str) -> torch.Tensor:
+    """The same loss with the LM head applied only where a next token is labelled: hidden (b, t, d), labels (b, t).
+    On instruction data most positions are prompt, so this skips most of the head's work and its (b, t, v) logits."""
+    targets = labels[:, 1:].to(hidden.device)  # (b, t-1)
+    keep = targets != -100
+    logits = lm_head(hidden[:, :-1][keep]).float()  # (labelled, v)
+    return F.cross_entropy(logits, targets[keep], reduction=reduction)
 
 
 class IdeficsForVisionText2Text(PretrainedMixin, nn.Module):
@@ -339,11 +353,19 @@ class IdeficsForVisionText2Text(PretrainedMixin, nn.Module):
         logits_to_keep: int = 0,
         *,
         cache: IdeficsCache | None = None,
+        return_logits: bool = True,
+        loss_reduction: str = "mean",
     ) -> IdeficsCausalLMOutput:
         """`IdeficsModel.forward` plus logits (b, t, v) and, with labels (b, t), the shifted full-vocabulary loss.
 
-        `logits_to_keep=k` > 0 computes logits for the last k positions only.
+        `logits_to_keep=k` > 0 computes logits for the last k positions only. For training, `return_logits=False`
+        (with labels) applies the LM head only at labelled positions and returns no logits; `loss_reduction="sum"`
+        sums the token losses instead of averaging them.
         """
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+        if not return_logits and labels is None:
+            raise ValueError("return_logits=False needs labels: it computes the loss alone")
         out = self.model(
             input_ids,
             attention_mask,
@@ -359,8 +381,11 @@ class IdeficsForVisionText2Text(PretrainedMixin, nn.Module):
             cache=cache,
         )
         hidden = out.last_hidden_state
-        logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)  # (b, t, v)
-        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        if return_logits:
+            logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)  # (b, t, v)
+            loss = causal_lm_loss(logits, labels, reduction=loss_reduction) if labels is not None else None
+        else:
+            logits, loss = None, labelled_lm_loss(self.lm_head, hidden, labels, reduction=loss_reduction)
         return IdeficsCausalLMOutput(
             logits=logits,
             loss=loss,

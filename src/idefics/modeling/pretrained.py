@@ -139,8 +139,17 @@ class PretrainedMixin:
             model.load_adapter(adapter, merge=merge)
         return model.eval()
 
-    def save_pretrained(self, directory: str | os.PathLike, *, max_shard_size: int | str = "5GB") -> None:
+    def save_pretrained(
+        self,
+        directory: str | os.PathLike,
+        *,
+        max_shard_size: int | str = "5GB",
+        state_dict: dict[str, torch.Tensor] | None = None,
+    ) -> None:
         """Write `config.json` and (sharded) safetensors that both this package and transformers load.
+
+        `state_dict` (the model's own names) is written instead of the model's tensors: the trainer passes the full
+        weights gathered from FSDP shards.
 
         Refused while an unmerged LoRA adapter is attached: neither the base alone (the training would be silently
         dropped) nor base + `lora_*` keys (a checkpoint nobody loads) is what the caller wants. `save_adapter` writes
@@ -155,7 +164,7 @@ class PretrainedMixin:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.config.save_pretrained(directory)
-        state = self.state_dict()
+        state = self.state_dict() if state_dict is None else {k: v.contiguous() for k, v in state_dict.items()}
         if self.config.tie_word_embeddings:  # as transformers saves tied weights: once, under the embedding's name
             state = {k: v for k, v in state.items() if not k.startswith("lm_head.")}
         save_checkpoint(state, directory, max_shard_size=max_shard_size)

@@ -45,6 +45,7 @@ class FinetuneConfig:
     max_grad_norm: float = 1.0  # 0 disables clipping
     bf16: bool = False  # bfloat16 autocast; frozen weights are stored in bf16 too (see loop.py)
     gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile each vision, decoder and gated layer (the first steps compile)
     seed: int = 0  # data order, adapter init (and weights with from_scratch), dropout
     # Evaluation and checkpoints.
     eval_every: int = 0  # optimizer steps between evaluations (0: only at the end, when eval_data is given)

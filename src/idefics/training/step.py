@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .data import SFTDataset, collate
@@ -20,26 +19,16 @@ from .distributed import World, all_sum, set_gradient_sync
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_attention_mask")
 
 
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy: logits (b, t, v), labels (b, t) with -100 where no loss."""
-    return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(),
-        labels[:, 1:].flatten().to(logits.device),
-        ignore_index=-100,
-        reduction="sum",
-    )
-
-
 def label_count(labels: torch.Tensor) -> int:
     """How many positions of labels (b, t) carry a loss (the first position predicts nothing)."""
     return int((labels[:, 1:] != -100).sum())
 
 
 def _forward_loss(model: nn.Module, batch: dict[str, torch.Tensor], *, device: torch.device, bf16: bool):
-    inputs = {k: batch[k].to(device, non_blocking=True) for k in MODEL_INPUTS}
+    """The summed token loss of one micro-batch; the LM head runs only where there is a label."""
+    inputs = {k: batch[k].to(device, non_blocking=True) for k in (*MODEL_INPUTS, "labels")}
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        logits = model(**inputs).logits  # (b, t, v)
-    return token_loss_sum(logits, batch["labels"])
+        return model(**inputs, return_logits=False, loss_reduction="sum").loss
 
 
 @dataclass

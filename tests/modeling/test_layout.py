@@ -1,10 +1,11 @@
 """The CPU decode layout (packed q/k/v and gate/up, re-strided LM head) changes speed only."""
 
+import pytest
 import torch
 from reference import config_dict, make_batch
 
 import idefics
-from idefics.modeling.layout import use_decode_layout
+from idefics.modeling.layout import dense, use_decode_layout
 
 
 def test_layout_keeps_values_outputs_and_checkpoints(reference_checkpoints, tmp_path):
@@ -89,3 +90,25 @@ def test_dense_and_project_paths():
     wrapped = Wrapped()
     with torch.no_grad():
         torch.testing.assert_close(project(wrapped, x), wrapped.base(x) + 1.0)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_dense_trains_through_onednn_with_linear_gradients(bias):
+    """`dense` with gradients (the training path on a float32 CPU): the same output and gradients as F.linear."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 8, generator=g, requires_grad=True)
+    w = torch.randn(6, 8, generator=g, requires_grad=True)
+    b = torch.randn(6, generator=g, requires_grad=True) if bias else None
+    dy = torch.randn(2, 5, 6, generator=g)
+    grads = []
+    for fn in (dense, torch.nn.functional.linear):
+        y = fn(x, w, b)
+        y.backward(dy)
+        grads.append((y.detach(), *(t.grad.clone() for t in (x, w, b) if t is not None)))
+        for t in (x, w, b):
+            if t is not None:
+                t.grad = None
+    for ours, ref in zip(*grads, strict=True):
+        torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    frozen = dense(x.detach(), w.detach())  # nothing to differentiate: no autograd node
+    assert frozen.grad_fn is None

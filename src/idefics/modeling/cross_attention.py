@@ -35,8 +35,8 @@ class IdeficsCrossAttention(nn.Module):
     def project_image(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """image (b, n*s, d_img) -> keys, values (b, h, n*s, hd)."""
         b, m, _ = image.shape
-        k = self.k_proj(image).view(b, m, self.num_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(image).view(b, m, self.num_heads, self.head_dim).transpose(1, 2)
+        k = project(self.k_proj, image).view(b, m, self.num_heads, self.head_dim).transpose(1, 2)
+        v = project(self.v_proj, image).view(b, m, self.num_heads, self.head_dim).transpose(1, 2)
         if self.qk_layer_norms:
             k = self.k_layer_norm(k)
         return k, v

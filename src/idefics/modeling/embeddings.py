@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layout import dense, project
+
 
 class IdeficsDecoupledEmbedding(nn.Module):
     def __init__(self, num_embeddings: int, num_additional_embeddings: int, embedding_dim: int, *, frozen: bool):
@@ -40,9 +42,9 @@ class IdeficsDecoupledLinear(nn.Module):
             self.additional_fc = nn.Linear(in_features, out_additional_features, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(x, self.weight)  # (..., vocab)
+        logits = dense(x, self.weight)  # (..., vocab)
         if self.out_additional_features > 0:
-            logits = torch.cat([logits, self.additional_fc(x)], dim=-1)  # (..., vocab + additional)
+            logits = torch.cat([logits, project(self.additional_fc, x)], dim=-1)  # (..., vocab + additional)
         return logits
 
     def extra_repr(self) -> str:

@@ -69,25 +69,57 @@ def _onednn() -> bool:
     return _ONEDNN[0]
 
 
-def dense(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x @ weight.T for a bias-free (out, in) weight; through oneDNN on a float32 CPU tensor with no gradient."""
+def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+class _OneDnnLinear(torch.autograd.Function):
+    """F.linear with oneDNN's matmul in the forward and the backward (dX = dY W, dW = dY^T X), for training."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _onednn_linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = _onednn_linear(dy, weight.t())  # (..., in): dy @ weight; the transposed view costs no copy
+        if ctx.needs_input_grad[1]:
+            dw = _onednn_linear(dy.reshape(-1, dy.shape[-1]).t(), x.reshape(-1, x.shape[-1]).t())  # (out, in)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = dy.reshape(-1, dy.shape[-1]).sum(0)
+        return dx, dw, db
+
+
+def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias); through oneDNN on float32 CPU tensors, in training too (its backward as well).
+
+    On this project's AMD EPYC machine oneDNN's fp32 matmul runs the training shapes at over twice MKL's speed (one
+    thread, 512 rows: 512x512 2.51 -> 1.08 ms, 1376x512 6.57 -> 2.96 ms, the backward's dX alike); torch's own
+    fp32 matmul always calls MKL there."""
     if (
         weight.device.type == "cpu"
         and weight.dtype == torch.float32
         and x.dtype == torch.float32
-        and not torch.is_grad_enabled()
         and not torch.compiler.is_compiling()
         and _onednn()
     ):
-        return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
-    return F.linear(x, weight)
+        needs_grad = torch.is_grad_enabled() and (
+            x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+        )
+        return _OneDnnLinear.apply(x, weight, bias) if needs_grad else _onednn_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 def project(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """linear(x), with `dense`'s fast path for a plain bias-free nn.Linear without hooks (adapters such as LoRA
-    wrappers, and hooked modules, are called as usual)."""
-    if _plain(linear):
-        return dense(x, linear.weight)
+    """linear(x), with `dense`'s fast path for an nn.Linear itself without hooks (adapters such as LoRA wrappers,
+    and hooked modules, are called as usual)."""
+    if type(linear) is nn.Linear and not (linear._forward_hooks or linear._forward_pre_hooks):
+        return dense(x, linear.weight, linear.bias)
     return linear(x)
 
 

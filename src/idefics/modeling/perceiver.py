@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import IdeficsConfig
+from .layout import project
 
 
 class IdeficsPerceiverAttention(nn.Module):
@@ -33,11 +34,12 @@ class IdeficsPerceiverAttention(nn.Module):
         def heads(x: torch.Tensor) -> torch.Tensor:
             return x.view(n, x.shape[1], self.n_heads, self.head_dim).transpose(1, 2)  # (n, h, *, hd)
 
-        q, k, v = heads(self.q_proj(latents)), heads(self.k_proj(kv_input)), heads(self.v_proj(kv_input))
+        q = heads(project(self.q_proj, latents))
+        k, v = heads(project(self.k_proj, kv_input)), heads(project(self.v_proj, kv_input))
         if self.qk_layer_norms:
             q, k = self.q_layer_norm(q), self.k_layer_norm(k)
         y = F.scaled_dot_product_attention(q, k, v)  # (n, h, l, hd)
-        return self.output_proj(y.transpose(1, 2).flatten(2))
+        return project(self.output_proj, y.transpose(1, 2).flatten(2))
 
 
 class IdeficsPerceiverMLP(nn.Module):
@@ -48,7 +50,7 @@ class IdeficsPerceiverMLP(nn.Module):
         self.c_proj = nn.Linear(intermediate_size, embed_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(F.relu(self.fc(self.ln(x))))
+        return project(self.c_proj, F.relu(project(self.fc, self.ln(x))))
 
 
 class IdeficsPerceiverResampler(nn.Module):

@@ -12,6 +12,7 @@ from torch import nn
 
 from ..config import IdeficsVisionConfig
 from .layers import ACT_FNS
+from .layout import project
 
 
 class IdeficsVisionEmbeddings(nn.Module):
@@ -67,9 +68,12 @@ class IdeficsVisionAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, s, d = x.shape
-        q, k, v = (p(x).view(n, s, self.num_heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (
+            project(p, x).view(n, s, self.num_heads, -1).transpose(1, 2)
+            for p in (self.q_proj, self.k_proj, self.v_proj)
+        )
         y = F.scaled_dot_product_attention(q, k, v)  # (n, h, s, hd)
-        return self.out_proj(y.transpose(1, 2).reshape(n, s, d))
+        return project(self.out_proj, y.transpose(1, 2).reshape(n, s, d))
 
 
 class IdeficsVisionMLP(nn.Module):
@@ -80,7 +84,7 @@ class IdeficsVisionMLP(nn.Module):
         self.act = ACT_FNS[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        return project(self.fc2, self.act(project(self.fc1, x)))
 
 
 class IdeficsVisionEncoderLayer(nn.Module):

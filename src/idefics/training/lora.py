@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..loading import CheckpointError, resolve_pretrained_dir
+from ..modeling.layout import dense, project
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -183,11 +184,11 @@ class LoraLinear(nn.Linear):
         self.train(base.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)  # (..., d_out)
+        y = dense(x, self.weight, self.bias)  # (..., d_out)
         h = x.to(self.lora_A.weight.dtype)  # the adapter may be kept in float32 over a low-precision base
         if self.training and self.dropout > 0:
             h = F.dropout(h, self.dropout, True)
-        return y + (self.lora_B(self.lora_A(h)) * self.scaling).to(y.dtype)
+        return y + (project(self.lora_B, project(self.lora_A, h)) * self.scaling).to(y.dtype)
 
     def base_linear(self) -> nn.Linear:
         """A plain nn.Linear holding this layer's base weight and bias (the same Parameters)."""

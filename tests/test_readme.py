@@ -1,5 +1,6 @@
 """The README's Python examples, run on a tiny model whose vocabulary is the fixture tokenizer's."""
 
+import json
 import re
 from pathlib import Path
 
@@ -44,10 +45,15 @@ def code_blocks() -> list[str]:
 def test_readme_examples_run(hub_like, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8)).save("photo.jpg")
+    user = {"role": "user", "content": [{"type": "image", "image": "photo.jpg"}, {"type": "text", "text": "What?"}]}
+    row = {"messages": [user, {"role": "assistant", "content": "A photo."}]}
+    Path("train.jsonl").write_text(json.dumps(row) + "\n")  # the fine-tuning example's data
     blocks = code_blocks()
-    assert len(blocks) == 3
+    assert len(blocks) == 4
     namespace: dict = {}
     for block in blocks:
         exec(block.replace('"HuggingFaceM4/idefics-9b-instruct"', repr(str(hub_like))), namespace)  # noqa: S102
     out = capsys.readouterr().out
     assert out.strip(), "the examples print the generated text"
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file() and (tmp_path / "my-adapter").is_dir()
+    assert namespace["model"].adapter_config is None

@@ -20,6 +20,7 @@ from idefics import (
     IdeficsTokenizer,
     apply_chat_template,
 )
+from idefics.modeling.init import init_weights
 from idefics.processing import UrlPolicy
 from idefics.training.data import DataError, SFTDataset, collate
 
@@ -344,6 +345,7 @@ def test_model_trains_on_a_batch(mixed, processor):
     )
     assert len(processor.tokenizer) == config.vocab_size + config.additional_vocab_size
     model = IdeficsForVisionText2Text(config)
+    init_weights(model, seed=0)  # the constructor leaves some tensors uninitialised (torch.empty)
     perturb(model)
     model.train()
     batch = collate([mixed[i] for i in range(3)], pad_token_id=processor.tokenizer.pad_token_id)

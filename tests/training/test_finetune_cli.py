@@ -101,6 +101,23 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(finetune_env, tmp_path):
     assert not (out / "adapter_model.safetensors").exists()  # a stopped run has no final output yet
 
 
+def test_kill_9_leaves_a_resumable_run(finetune_env, tmp_path):
+    """SIGKILL while checkpoints are written every step: whatever is on disk, --resume picks a complete checkpoint
+    and finishes the run."""
+    out = tmp_path / "out"
+    args = [*base_args(finetune_env, out), "--max-steps", "40", "--lora-r", "2", "--save-every", "1", "--keep", "2"]
+    proc = subprocess.Popen([sys.executable, "-m", "idefics", *args], env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    _wait_for_steps(out / "metrics.jsonl", proc, 3)
+    proc.kill()
+    proc.communicate(timeout=60)
+    assert ckpt.latest(out) is not None and not (out / "adapter_model.safetensors").exists()
+    done = subprocess.run([sys.executable, "-m", "idefics", *args, "--resume"], env=ENV, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 41)) and (out / "adapter_model.safetensors").is_file()
+
+
 @pytest.mark.skipif(shutil.which("torchrun") is None and not Path(sys.executable).with_name("torchrun").exists(),
                     reason="torchrun is not installed next to this Python")  # fmt: skip
 @pytest.mark.parametrize("full", [True, False], ids=["full", "lora"])

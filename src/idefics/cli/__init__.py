@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from .errors import UserError
 
-SUBCOMMANDS = ("finetune",)
+SUBCOMMANDS = ("generate", "finetune")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,7 +19,7 @@ SUBCOMMANDS = ("generate", "finetune")
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="idefics", description="IDEFICS vision-language models: generate, fine-tune (and more to come)."
+        prog="idefics", description="IDEFICS vision-language models: answer questions about images, fine-tune."
     )
     subparsers = parser.add_subparsers(dest="command", metavar="{" + ",".join(SUBCOMMANDS) + "}", required=True)
     for name in SUBCOMMANDS:

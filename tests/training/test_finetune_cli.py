@@ -125,6 +125,7 @@ def test_two_processes_match_one(finetune_env, tmp_path, full):
     """torchrun --nproc_per_node=2 (gloo, FSDP2) with batch 1 x accumulation 1 per process == one process with
     batch 1 x accumulation 2: the same rows in every step, so the same losses and weights."""
     extra = ["--max-steps", "5", "--batch-size", "1", "--lr", "1e-4", "--seed", "2"]
+    extra += ["--eval-data", str(finetune_env[2]), "--eval-every", "2", "--save-every", "2"]  # under FSDP too
     extra += ["--full"] if full else ["--lora-r", "4", "--lora-dropout", "0", "--lora-targets", "q_proj,v_proj,o_proj"]
     one = tmp_path / "one"
     cmd = [sys.executable, "-m", "idefics", *base_args(finetune_env, one), *extra, "--grad-accum", "2"]
@@ -139,5 +140,8 @@ def test_two_processes_match_one(finetune_env, tmp_path, full):
     assert [r["step"] for r in rows[1]] == [1, 2, 3, 4, 5]
     for a, b in zip(*rows, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5) and a["tokens"] == b["tokens"]
+        assert a.get("eval_loss", 0) == pytest.approx(b.get("eval_loss", 0), abs=1e-5)
+    assert [r["step"] for r in rows[1] if "eval_loss" in r] == [2, 4, 5]
+    assert [p.name for p in ckpt.complete_checkpoints(two)] == ["checkpoint-2", "checkpoint-4"]
     name = "model.safetensors" if full else "adapter_model.safetensors"
     assert_weights_close(load_file(one / name), load_file(two / name), 1e-5)

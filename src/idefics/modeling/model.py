@@ -210,10 +210,11 @@ class IdeficsModel(PretrainedMixin, nn.Module):
                 num_images=image_attention_mask.shape[-1] if image_attention_mask is not None else None,
                 interpolate_pos_encoding=interpolate_pos_encoding,
             )
-            if self.training and torch.is_grad_enabled():
-                image_kv = None  # project inside each (possibly checkpointed) layer so gradients flow
-            else:
-                image_kv = self.project_images(image_states)
+            # Projected once here only for a cache that reuses them at every decoding step; otherwise each gated
+            # layer projects them inside its own call (a checkpointed layer then recomputes them and gradients flow;
+            # an FSDP-sharded layer has its weights gathered only during its call).
+            caching = cache is not None and not (self.training and torch.is_grad_enabled())
+            image_kv = self.project_images(image_states) if caching else None
             if cache is not None:
                 cache.image_kv, cache.image_hidden_states = image_kv, image_states
         cross_mask = gate = None

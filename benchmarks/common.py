@@ -139,3 +139,14 @@ def measure(generators: dict, *, n: int, repeat: int, sync=lambda: None) -> dict
                 sync()
                 bucket.append(time.perf_counter() - start)
     return {name: (statistics.median(t1), statistics.median(tn)) for name, (t1, tn) in times.items()}
+
+
+def ours_sharing(ref: torch.nn.Module, device: str):
+    """Our model on the reference's own weight tensors (no second copy), rotary buffers built on `device`."""
+    import idefics
+
+    with torch.device("meta"):
+        ours = idefics.IdeficsForVisionText2Text(idefics.IdeficsConfig.from_dict(ref.config.to_dict()))
+    ours.load_state_dict(ref.state_dict(), assign=True)
+    ours.model.rotary_emb.reset_buffers(device)
+    return ours

@@ -24,10 +24,9 @@ import statistics
 import time
 
 import torch
-from common import bench_config, idefics_9b_config, make_inputs, randomize_
+from common import bench_config, idefics_9b_config, make_inputs, ours_sharing, randomize_
 from tqdm import tqdm
 
-import idefics
 from idefics.modeling.model import causal_lm_loss
 from idefics.training import LoraConfig
 from idefics.training.loop import compile_layers
@@ -55,10 +54,7 @@ def build(preset: dict, device: str, *, compiled: bool):
     randomize_(ref)
     models = {}
     for name in ["ours", "ours+compile"] if compiled else ["ours"]:
-        with torch.device("meta"):
-            model = idefics.IdeficsForVisionText2Text(idefics.IdeficsConfig.from_dict(ref.config.to_dict()))
-        model.load_state_dict(ref.state_dict(), assign=True)
-        model.model.rotary_emb.reset_buffers(device)
+        model = ours_sharing(ref, device)
         model.add_adapter(LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS))
         for p in model.parameters():
             if p.requires_grad:

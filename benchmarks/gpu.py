@@ -25,11 +25,10 @@ from common import (
     make_inputs,
     matvec_bandwidth,
     measure,
+    ours_sharing,
     randomize_,
 )
 from tqdm import tqdm
-
-import idefics
 
 
 def main() -> None:
@@ -53,12 +52,7 @@ def main() -> None:
     with torch.device(device):
         ref = transformers.IdeficsForVisionText2Text(transformers.IdeficsConfig(**cfg, dtype=dtype)).to(dtype).eval()
     randomize_(ref)
-    config = idefics.IdeficsConfig.from_dict(ref.config.to_dict())
-    with torch.device("meta"):
-        ours = idefics.IdeficsForVisionText2Text(config)
-    ours.load_state_dict(ref.state_dict(), assign=True)  # shares the reference's tensors: no second copy
-    ours.model.rotary_emb.reset_buffers(device)
-    ours.eval()
+    ours = ours_sharing(ref, device).eval()  # the reference's tensors: no second copy
 
     impls = {"ours": (ours, {})}
     if device == "cuda":

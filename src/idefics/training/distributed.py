@@ -76,6 +76,12 @@ def all_sum(world: World, *values: float) -> list[float]:
     return t.tolist()
 
 
+def repeated_layers(model: nn.Module) -> list[nn.Module]:
+    """The units that FSDP shards and `--compile` compiles one by one: every vision, decoder and gated layer."""
+    backbone = model.model
+    return [*backbone.vision_model.encoder.layers, *backbone.layers, *backbone.gated_cross_attn_layers]
+
+
 def shard(model: nn.Module, *, bf16: bool) -> None:
     """FSDP2: `fully_shard` each vision, decoder and gated cross-attention layer, then the root.
 
@@ -86,8 +92,7 @@ def shard(model: nn.Module, *, bf16: bool) -> None:
 
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
     kwargs = {"mp_policy": policy} if policy is not None else {}
-    backbone = model.model
-    for layer in [*backbone.vision_model.encoder.layers, *backbone.layers, *backbone.gated_cross_attn_layers]:
+    for layer in repeated_layers(model):
         fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)
 

@@ -33,7 +33,7 @@ from ..processing import IdeficsProcessor
 from . import checkpoint
 from .config import FinetuneConfig
 from .data import SFTDataset
-from .distributed import World, all_sum, setup, shard, teardown
+from .distributed import World, all_sum, repeated_layers, setup, shard, teardown
 from .lora import LoraConfig
 from .metrics import MetricsLog, plot_loss
 from .sampler import BatchPlan
@@ -98,8 +98,7 @@ def compile_layers(model: IdeficsForVisionText2Text) -> None:
     """Regional compilation: each vision, decoder and gated cross-attention layer is compiled in place (names and
     checkpoints are unchanged). Layers of one kind share one graph, so compiling costs three layers' worth, and the
     fused element-wise work and fewer kernel launches keep a GPU busy where eager training waits on the host."""
-    backbone = model.model
-    for layer in [*backbone.vision_model.encoder.layers, *backbone.layers, *backbone.gated_cross_attn_layers]:
+    for layer in repeated_layers(model):
         layer.compile()
 
 

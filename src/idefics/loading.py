@@ -17,8 +17,9 @@ import os
 import pickle
 import re
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from huggingface_hub import constants as hub_constants
@@ -56,6 +57,14 @@ _CHUNK_BYTES = 128 << 20  # a cast holds at most this much of the file in memory
 
 class CheckpointError(RuntimeError):
     """A checkpoint that does not match the model, or a weights file that cannot be read."""
+
+
+class TensorSink(NamedTuple):
+    """Where a checkpoint tensor goes instead of being attached as it is (e.g. a layer that quantises it)."""
+
+    shape: torch.Size  # the checkpoint tensor's expected shape
+    fills: tuple[str, ...]  # the model keys that `take` sets
+    take: Callable[[torch.Tensor], None]  # receives the float32 tensor on the target device, keeps what it needs
 
 
 def parse_size(size: int | str) -> int:
@@ -110,6 +119,7 @@ def load_checkpoint(
     strict: bool = True,
     ignore_unexpected: Sequence[str] = (),
     keep_fp32: Sequence[str] = (),
+    sinks: Mapping[str, TensorSink] | None = None,
 ) -> list[str]:
     """Attach the checkpoint in `directory` to `model` (built on the meta device), in place.
 
@@ -118,6 +128,10 @@ def load_checkpoint(
     keep their `requires_grad`, and parameters shared by several keys (tied weights) stay shared. Checkpoint keys
     matching a regex in `ignore_unexpected` are skipped. With `strict=False`, other unexpected keys and missing
     keys only warn; missing ones stay on meta for the caller to initialise. Returns the missing keys.
+
+    Checkpoint keys in `sinks` are read as float32 on `device` and handed to their sink one at a time (their file
+    pages released right after), so a model that quantises while loading never holds more than one full-precision
+    tensor.
     """
     directory = Path(directory)
     dtype = torch.float32 if dtype is None else dtype
@@ -133,14 +147,18 @@ def load_checkpoint(
     aliases: dict[int, list[str]] = {}  # tied weights: keys of one tensor
     for key, tensor in state.items():
         aliases.setdefault(id(tensor), []).append(key)
-    for key in where.keys() & state.keys():
-        if shapes[key] != state[key].shape:
+    sinks = {key: sink for key, sink in (sinks or {}).items() if key in where}
+    for key in where.keys() & (state.keys() | sinks.keys()):
+        expected = sinks[key].shape if key in sinks else state[key].shape
+        if shapes[key] != expected:
             raise CheckpointError(
-                f"shape mismatch for {key!r} in {where[key]}: checkpoint {tuple(shapes[key])}, "
-                f"model {tuple(state[key].shape)}"
+                f"shape mismatch for {key!r} in {where[key]}: checkpoint {tuple(shapes[key])}, model {tuple(expected)}"
             )
-    unexpected = [k for k in where if k not in state and not any(re.search(p, k) for p in ignore_unexpected)]
-    loaded = {alias for key in where if key in state for alias in aliases[id(state[key])]}
+    unexpected = [
+        k for k in where if k not in state and k not in sinks and not any(re.search(p, k) for p in ignore_unexpected)
+    ]
+    loaded = {alias for key in where if key in state and key not in sinks for alias in aliases[id(state[key])]}
+    loaded |= {filled for sink in sinks.values() for filled in sink.fills}
     missing = [key for key in state if key not in loaded]
     problems = []
     if missing:
@@ -156,12 +174,16 @@ def load_checkpoint(
     def target_dtype(key: str, stored: torch.dtype) -> torch.dtype:
         if not stored.is_floating_point:
             return stored
-        return torch.float32 if any(re.search(p, key) for p in keep_fp32) else dtype
+        return torch.float32 if key in sinks or any(re.search(p, key) for p in keep_fp32) else dtype
 
     for path in tqdm(files, desc="Loading checkpoint shards", disable=len(files) == 1):
-        keys = {key for key in where if where[key] == path and key in state}
-        for key, tensor in _read_tensors(path, keys, target_dtype=target_dtype, device=device):
-            _attach(model, aliases[id(state[key])], tensor)
+        keys = {key for key in where if where[key] == path and (key in state or key in sinks)}
+        transient = keys & sinks.keys()
+        for key, tensor in _read_tensors(path, keys, target_dtype=target_dtype, device=device, transient=transient):
+            if key in sinks:
+                sinks[key].take(tensor)
+            else:
+                _attach(model, aliases[id(state[key])], tensor)
     return missing
 
 
@@ -242,9 +264,15 @@ def _tensor_shapes(path: Path) -> dict[str, torch.Size]:
 
 
 def _read_tensors(
-    path: Path, keys: set[str], *, target_dtype: Callable[[str, torch.dtype], torch.dtype], device: torch.device
+    path: Path,
+    keys: set[str],
+    *,
+    target_dtype: Callable[[str, torch.dtype], torch.dtype],
+    device: torch.device,
+    transient: set[str] = frozenset(),
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield `keys` of the file at `path` as `target_dtype(key, stored dtype)` on `device`."""
+    """Yield `keys` of the file at `path` as `target_dtype(key, stored dtype)` on `device`. The caller drops the
+    tensors of `transient` keys before asking for the next one: their file pages are released then."""
     if path.suffix != ".safetensors":
         # torch.load's mmap keeps every page it casts resident until the whole file is dropped.
         for key, tensor in _torch_load(path).items():
@@ -262,6 +290,8 @@ def _read_tensors(
         aligned = offset % stored.itemsize == 0
         if dtype == stored and device.type == "cpu" and aligned:
             yield key, data[offset : offset + nbytes].view(stored).view(shape)
+            if key in transient:
+                _release(mapped, offset, offset + nbytes)
             continue
         out = torch.empty(shape, dtype=dtype, device=device)
         flat = out.view(-1)

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from .errors import UserError
 
-SUBCOMMANDS = ("generate", "finetune")
+SUBCOMMANDS = ("generate", "finetune", "eval", "serve")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -47,6 +47,12 @@ def add_parser(subparsers) -> None:
     )  # fmt: skip
     method.add_argument("--use-rslora", action="store_true", help="scale by alpha/sqrt(r) instead of alpha/r")
     method.add_argument("--modules-to-save", help="comma list of whole modules to train and save with the adapter")
+    method.add_argument(
+        "--quantize", choices=["nf4", "int8", "int4"],
+        help="QLoRA: quantise the frozen base while loading and train LoRA over it (with --bf16 "
+        "--gradient-checkpointing for QLoRA's setting); the adapter loads onto the full-precision base",
+    )  # fmt: skip
+    method.add_argument("--group-size", type=int, help="int4: input features per scale and zero (default 128)")
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--max-steps", type=int, help="optimizer steps (instead of --epochs)")
     opt.add_argument("--epochs", type=float, help="passes over the data (default 1)")

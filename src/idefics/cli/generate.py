@@ -46,6 +46,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--dtype", choices=["auto", *DTYPES], help="default: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on GPU)")
+    p.add_argument(
+        "--quantize", choices=["int8", "int4", "nf4"],
+        help="quantise the Linear weights while loading (int8: the fast CPU path; int4: group-wise; nf4: QLoRA's)",
+    )  # fmt: skip
+    p.add_argument("--group-size", type=int, default=128, help="int4: input features per scale and zero (default 128)")
     p.add_argument("--json", action="store_true", help="print one JSON object (answer, token counts, timings)")
     p.set_defaults(func=run)
 
@@ -84,14 +89,28 @@ def build_prompt(text: str, images: list[Image.Image], *, raw: bool, processor) 
     return prompt
 
 
-def load_model(name: str, *, adapter: str | None, device: str, dtype: torch.dtype | str):
-    """The model and processor from a folder or hub id; UserError when they cannot be found or read."""
+def load_model(
+    name: str,
+    *,
+    adapter: str | None,
+    device: str,
+    dtype: torch.dtype | str,
+    quantize: str | None = None,
+    group_size: int = 128,
+):
+    """The model and processor from a folder or hub id, optionally quantised while loading; UserError when they
+    cannot be found or read, or the quantisation does not fit the model or the device."""
     from ..modeling import IdeficsForVisionText2Text
     from ..processing import IdeficsProcessor
+    from ..quantization import QuantizationError
 
     try:
-        model = IdeficsForVisionText2Text.from_pretrained(name, dtype=dtype, device=device)
+        model = IdeficsForVisionText2Text.from_pretrained(
+            name, dtype=dtype, device=device, quantize=quantize, group_size=group_size
+        )
         processor = IdeficsProcessor.from_pretrained(name)
+    except QuantizationError as err:
+        raise UserError(str(err)) from None
     except FileNotFoundError as err:  # neither a folder nor in the hub cache, or a folder without its files
         raise UserError(str(err)) from None
     except (CheckpointError, OSError, ValueError) as err:  # unreadable or mismatched files
@@ -113,6 +132,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.top_k < 0:
         raise UserError(f"--top-k must be >= 0, got {args.top_k}")
+    if args.group_size < 1:
+        raise UserError(f"--group-size must be at least 1, got {args.group_size}")
     if args.adapter is not None and not Path(args.adapter).is_dir():
         raise UserError(f"adapter folder {args.adapter!r} does not exist")
 
@@ -136,12 +157,8 @@ def generation_config(args: argparse.Namespace, tokenizer):
     )
 
 
-def run(args: argparse.Namespace) -> int:
-    from .. import DEMO_MODEL
-    from ..generation import TextDeltas, generate_steps
-
-    check_args(args)
-    images = [load_image(source, allow_remote=args.allow_remote_images) for source in args.image]
+def device_and_dtype(args: argparse.Namespace) -> tuple[str, torch.dtype | str]:
+    """--device (default: cuda when available) and --dtype (default: bfloat16 on cuda, float32 on cpu), checked."""
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         kind = torch.device(device).type
@@ -150,8 +167,19 @@ def run(args: argparse.Namespace) -> int:
     if kind == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {device!r}: CUDA is not available")
     dtype = DTYPES.get(args.dtype, args.dtype) or (torch.bfloat16 if kind == "cuda" else torch.float32)
+    return device, dtype
+
+
+def run(args: argparse.Namespace) -> int:
+    from .. import DEMO_MODEL
+    from ..generation import TextDeltas, generate_steps
+
+    check_args(args)
+    images = [load_image(source, allow_remote=args.allow_remote_images) for source in args.image]
+    device, dtype = device_and_dtype(args)
     started = time.perf_counter()
-    model, processor = load_model(args.model or DEMO_MODEL, adapter=args.adapter, device=device, dtype=dtype)
+    model, processor = load_model(args.model or DEMO_MODEL, adapter=args.adapter, device=device, dtype=dtype,
+                                  quantize=args.quantize, group_size=args.group_size)  # fmt: skip
     loaded = time.perf_counter()
     inputs = processor(build_prompt(args.prompt, images, raw=args.raw, processor=processor),
                        add_end_of_utterance_token=False).to(device)  # fmt: skip

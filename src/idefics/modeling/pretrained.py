@@ -11,7 +11,9 @@ import torch
 from torch import nn
 
 from ..config import CONFIG_NAME, IdeficsConfig
-from ..loading import load_checkpoint, resolve_pretrained_dir, save_checkpoint
+from ..loading import TensorSink, load_checkpoint, resolve_pretrained_dir, save_checkpoint
+from ..quantization import QuantizationConfig, QuantizationError, QuantizedLinear, quantize_model
+from ..quantization.swap import METADATA_PATTERN, finish_loading
 
 # Non-persistent buffers that older checkpoints carry; they are recomputed, never loaded.
 IGNORED_KEYS = (r"rotary_emb\.inv_freq$", r"embeddings\.position_ids$")
@@ -35,6 +37,35 @@ def _has_weights(directory: Path) -> bool:
     return any(directory.glob("*.safetensors")) or any(directory.glob("pytorch_model*.bin"))
 
 
+def _requested_quantization(
+    quantize: str | QuantizationConfig | None, group_size: int, directory: Path
+) -> tuple[QuantizationConfig | None, bool]:
+    """The quantisation to apply and whether the checkpoint is stored quantised already (config.json's
+    `quantization_config`); QuantizationError when a request contradicts a quantised checkpoint."""
+    path = directory / CONFIG_NAME  # absent when the caller passes `config=`
+    stored = json.loads(path.read_text()).get("quantization_config") if path.is_file() else None
+    stored = QuantizationConfig.from_dict(stored) if stored is not None else None
+    if isinstance(quantize, str):
+        quantize = QuantizationConfig(quantize, group_size=group_size)
+    if stored is not None and quantize is not None and quantize != stored:
+        raise QuantizationError(
+            f"{directory} is stored quantised as {stored}; load it without quantize= (a quantised checkpoint cannot "
+            "be quantised again: quantise the full-precision checkpoint instead)"
+        )
+    return stored or quantize, stored is not None
+
+
+def _quantizing_sinks(model: nn.Module) -> dict[str, TensorSink]:
+    """Checkpoint key of each quantised layer's float weight -> a sink that quantises it into the layer."""
+    sinks = {}
+    for name, layer in model.named_modules():
+        if isinstance(layer, QuantizedLinear):
+            fills = tuple(f"{name}.{tensor}" for tensor in layer.tensor_specs())
+            shape = torch.Size((layer.out_features, layer.in_features))
+            sinks[f"{name}.weight"] = TensorSink(shape, fills, layer.quantize_)
+    return sinks
+
+
 def _checkpoint_has_prefix(directory: Path, prefix: str) -> bool:
     """Whether the checkpoint's keys start with `prefix` (a full-model save) rather than being a bare backbone."""
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
@@ -56,6 +87,7 @@ class PretrainedMixin:
     config: IdeficsConfig
     checkpoint_prefix: str = ""
     name_or_path: str | None = None  # the folder or hub id `from_pretrained` read (an adapter's base model)
+    quantization_config: QuantizationConfig | None = None  # how `from_pretrained` quantised the Linear layers
 
     @property
     def dtype(self) -> torch.dtype:
@@ -97,6 +129,8 @@ class PretrainedMixin:
         torch_dtype: torch.dtype | str | None = None,
         adapter: str | os.PathLike | None = None,
         merge: bool = False,
+        quantize: str | QuantizationConfig | None = None,
+        group_size: int = 128,
     ):
         """Load a checkpoint from a local folder or a hub id (the local hub cache works offline).
 
@@ -104,6 +138,11 @@ class PretrainedMixin:
         on the way (default float32; "auto" keeps the checkpoint's dtype): no random init, no second copy.
         `torch_dtype` is accepted as an alias of `dtype`. `adapter` (a LoRA folder or hub id, ours or peft's) is
         attached after the weights, and folded into them with `merge`. The returned model is in eval mode.
+
+        `quantize` ("int8", "int4", "nf4" or a QuantizationConfig; `group_size` for int4) quantises the Linear layers
+        while loading, tensor by tensor, never holding the full-precision model (see `idefics.quantization`). A
+        checkpoint saved quantised loads quantised without it. Quantised layers use the kernels of the device they
+        are loaded on: pass `device=` rather than moving the model afterwards.
         """
         if (adapter is not None or merge) and not hasattr(cls, "load_adapter"):
             raise TypeError(f"{cls.__name__} takes no adapter; load it into IdeficsForVisionText2Text")
@@ -122,15 +161,28 @@ class PretrainedMixin:
             )
         config = config or IdeficsConfig.from_pretrained(directory)
         dtype = _parse_dtype(dtype, directory)
+        quantization, stored_quantized = _requested_quantization(quantize, group_size, directory)
+        if quantization is not None and merge:
+            raise QuantizationError("merge=True folds an adapter into full-precision weights; load without quantize=")
         with torch.device("meta"):
             model = cls(config)
+        if quantization is not None:
+            quantize_model(model, quantization, device=device or "cpu")
         target: nn.Module = model
         ignored = list(IGNORED_KEYS)
         if cls.checkpoint_prefix and _checkpoint_has_prefix(directory, cls.checkpoint_prefix):
             target = nn.Module()  # a parent so that the module's keys gain the full-model prefix
             setattr(target, cls.checkpoint_prefix.rstrip("."), model)
             ignored.append(r"^(?!" + cls.checkpoint_prefix.replace(".", r"\.") + ")")  # e.g. lm_head.* for the backbone
-        load_checkpoint(target, directory, dtype=dtype, device=device, strict=strict, ignore_unexpected=ignored)
+        options = dict(dtype=dtype, device=device, strict=strict, ignore_unexpected=ignored)
+        if stored_quantized:
+            options["keep_fp32"] = [METADATA_PATTERN]
+        elif quantization is not None:
+            options["sinks"] = _quantizing_sinks(target)
+        load_checkpoint(target, directory, **options)
+        if stored_quantized:
+            finish_loading(model)
+        model.quantization_config = quantization
         for module in model.modules():
             if hasattr(module, "reset_buffers"):
                 module.reset_buffers(device or "cpu")
@@ -164,6 +216,11 @@ class PretrainedMixin:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.config.save_pretrained(directory)
+        quantization = getattr(self, "quantization_config", None)
+        if quantization is not None:  # config.json gains the settings that load the weights back as they are
+            raw = json.loads((directory / CONFIG_NAME).read_text())
+            raw["quantization_config"] = quantization.to_dict()
+            (directory / CONFIG_NAME).write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
         state = self.state_dict() if state_dict is None else {k: v.contiguous() for k, v in state_dict.items()}
         if self.config.tie_word_embeddings:  # as transformers saves tied weights: once, under the embedding's name
             state = {k: v for k, v in state.items() if not k.startswith("lm_head.")}

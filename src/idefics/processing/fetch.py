@@ -103,14 +103,15 @@ def decode_data_url(url: str, *, max_bytes: int) -> Image.Image:
     return decode_image(data, source=f"data URL {url[:40]!r}...")
 
 
-def decode_image(data: bytes, *, source: str) -> Image.Image:
-    """Decode image bytes fully (so corrupt data fails here), refusing more pixels than PIL's cap.
+def decode_image(data: bytes, *, source: str, max_pixels: int | None = None) -> Image.Image:
+    """Decode image bytes fully (so corrupt data fails here), refusing more than `max_pixels` (default: PIL's cap)
+    from the header alone, before any pixel is decoded.
 
     The EXIF orientation is applied, as the reference does for downloaded images.
     """
     try:
         image = Image.open(io.BytesIO(data))
-        limit = Image.MAX_IMAGE_PIXELS  # PIL only warns between 1x and 2x its cap; we refuse
+        limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels  # PIL only warns up to 2x its cap
         if limit is not None and image.width * image.height > limit:
             raise Image.DecompressionBombError(f"{image.width}x{image.height} pixels is over the limit of {limit}")
         image.load()

@@ -30,6 +30,10 @@ class FinetuneConfig:
     lora_targets: str | list[str] = "q_proj,k_proj,v_proj"  # comma list of module names, or a full-match regex
     use_rslora: bool = False  # scale by alpha / sqrt(r) instead of alpha / r
     modules_to_save: list[str] = field(default_factory=list)  # whole modules trained and saved with the adapter
+    # QLoRA: LoRA over a frozen base quantised while loading ("nf4" as in QLoRA, or "int8", "int4"); with bf16 and
+    # gradient_checkpointing this is QLoRA's setting. The adapter loads onto the full-precision base.
+    quantize: str | None = None
+    group_size: int = 128  # int4: input features per (scale, zero)
     # Length of training: exactly one of the two (default: one epoch).
     max_steps: int | None = None  # optimizer steps
     epochs: float | None = None
@@ -93,6 +97,18 @@ class FinetuneConfig:
             raise ValueError("from_scratch trains every parameter: pass full=True (--full) with it")
         if self.modules_to_save and self.full:
             raise ValueError("modules_to_save is a LoRA option; full fine-tuning already trains every module")
+        if self.quantize is not None:
+            from ..quantization import SCHEMES
+
+            if self.quantize not in SCHEMES:
+                raise ValueError(f"quantize must be one of {', '.join(SCHEMES)}, got {self.quantize!r}")
+            if self.full:
+                raise ValueError(
+                    f"quantize={self.quantize!r} freezes the base weights in {self.quantize}: it trains LoRA adapters "
+                    "only; drop full (--full) or quantize (--quantize)"
+                )
+        if not isinstance(self.group_size, int) or isinstance(self.group_size, bool) or self.group_size <= 0:
+            raise ValueError(f"group_size must be a positive integer, got {self.group_size!r}")
 
     def target_modules(self) -> str | list[str]:
         """`lora_targets` as LoRA takes it: a list of names, or one regex (anything that is not a plain name list)."""

@@ -7,6 +7,8 @@ Precision: with `bf16`, the forward and backward run under bfloat16 autocast. Tr
 and the optimizer state stay float32 (they are the master weights; bf16 updates of small LoRA or fine-tuning
 steps round away). Frozen weights are stored in bfloat16 on one process, halving the base model's memory at no cost
 in accuracy since they are never updated; under FSDP, sharded weights stay float32 and FSDP gathers them as bf16.
+With `quantize` (QLoRA: "nf4" with bf16 and gradient checkpointing) the frozen Linear weights are quantised while
+loading and LoRA trains over them; the adapter is saved as usual and loads onto the full-precision base.
 """
 
 from __future__ import annotations
@@ -65,8 +67,14 @@ def build_model(config: FinetuneConfig, world: World) -> IdeficsForVisionText2Te
         init_weights(model, seed=config.seed)
     else:
         low_precision = config.bf16 and not config.full and not world.distributed  # frozen weights only
+        if config.quantize is not None and world.distributed:
+            raise ValueError(f"quantize={config.quantize!r} runs on one process; FSDP shards full-precision weights")
         model = IdeficsForVisionText2Text.from_pretrained(
-            config.model, dtype=torch.bfloat16 if low_precision else torch.float32, device=world.device
+            config.model,
+            dtype=torch.bfloat16 if low_precision else torch.float32,
+            device=world.device,
+            quantize=config.quantize,
+            group_size=config.group_size,
         )
     if config.full:
         model.requires_grad_(True)

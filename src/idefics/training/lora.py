@@ -1,7 +1,9 @@
 """LoRA adapters (Hu et al. 2021, https://arxiv.org/abs/2106.09685) in PEFT's on-disk format.
 
 Each targeted nn.Linear is swapped for a `LoraLinear` that keeps the base `weight` (so the model's own keys stay
-`...q_proj.weight`) and adds a rank-r update: y = x W^T + scaling * B A x, A (r, in) and B (out, r). Whole
+`...q_proj.weight`) and adds a rank-r update: y = x W^T + scaling * B A x, A (r, in) and B (out, r). Over a quantised
+base (QLoRA) the frozen quantised layer is kept whole as `base_layer`; such an adapter cannot be merged into it, but
+its files are the same and load onto the full-precision base. Whole
 `modules_to_save` get trainable copies of their parameters; the originals are kept aside so `delete_adapter` restores
 the base exactly. Everything else is frozen while an adapter is attached.
 
@@ -35,6 +37,7 @@ from torch import nn
 
 from ..loading import CheckpointError, resolve_pretrained_dir
 from ..modeling.layout import dense, project
+from ..quantization import QuantizedLinear
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -167,14 +170,25 @@ def _names(field_name: str, value: Any) -> list[str]:
 
 
 class LoraLinear(nn.Linear):
-    """An nn.Linear (its own `weight` and `bias`, untouched) plus a low-rank update scaled by `scaling`."""
+    """An nn.Linear (its own `weight` and `bias`, untouched) plus a low-rank update scaled by `scaling`; over a
+    quantised layer, that layer as `base_layer` (and no `weight` or `bias` of its own)."""
 
-    def __init__(self, base: nn.Linear, *, r: int, scaling: float, dropout: float):
+    def __init__(self, base: nn.Linear | QuantizedLinear, *, r: int, scaling: float, dropout: float):
         nn.Module.__init__(self)  # not nn.Linear's: the base weight is reused, not allocated
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight
-        self.register_parameter("bias", base.bias)
-        kwargs = dict(bias=False, device=base.weight.device, dtype=base.weight.dtype)
+        if isinstance(base, QuantizedLinear):
+            self.base_layer = base
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+            # The adapter computes in the bias's dtype, else float32 (the quantised values have none to offer).
+            dtype = base.bias.dtype if base.bias is not None else torch.float32
+            device = base.weight.device
+        else:
+            self.base_layer = None
+            self.weight = base.weight
+            self.register_parameter("bias", base.bias)
+            dtype, device = base.weight.dtype, base.weight.device
+        kwargs = dict(bias=False, device=device, dtype=dtype)
         self.lora_A = nn.Linear(base.in_features, r, **kwargs)  # (r, d_in)
         self.lora_B = nn.Linear(r, base.out_features, **kwargs)  # (d_out, r)
         self.scaling = scaling
@@ -184,14 +198,17 @@ class LoraLinear(nn.Linear):
         self.train(base.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = dense(x, self.weight, self.bias)  # (..., d_out)
+        y = dense(x, self.weight, self.bias) if self.base_layer is None else self.base_layer(x)  # (..., d_out)
         h = x.to(self.lora_A.weight.dtype)  # the adapter may be kept in float32 over a low-precision base
         if self.training and self.dropout > 0:
             h = F.dropout(h, self.dropout, True)
         return y + (project(self.lora_B, project(self.lora_A, h)) * self.scaling).to(y.dtype)
 
-    def base_linear(self) -> nn.Linear:
-        """A plain nn.Linear holding this layer's base weight and bias (the same Parameters)."""
+    def base_linear(self) -> nn.Linear | QuantizedLinear:
+        """A plain nn.Linear holding this layer's base weight and bias (the same Parameters); the quantised base
+        layer itself when there is one."""
+        if self.base_layer is not None:
+            return self.base_layer.train(self.training)
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
         linear.weight = self.weight
         linear.bias = self.bias
@@ -252,14 +269,15 @@ def _targets(model: nn.Module, config: LoraConfig) -> list[str]:
     names = []
     for name, module in model.named_modules():
         if name and _is_target(config, name):
-            if not isinstance(module, nn.Linear):
+            if not isinstance(module, nn.Linear | QuantizedLinear):
                 raise ValueError(
                     f"target_modules {config.target_modules!r} match {name!r}, a {type(module).__name__}; "
-                    "LoRA adapts nn.Linear layers only"
+                    "LoRA adapts nn.Linear layers (full precision or quantised) only"
                 )
             names.append(name)
     if not names:
-        leaves = sorted({n.rpartition(".")[2] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        linears = (nn.Linear, QuantizedLinear)
+        leaves = sorted({n.rpartition(".")[2] for n, m in model.named_modules() if isinstance(m, linears)})
         raise ValueError(
             f"target_modules {config.target_modules!r} match no nn.Linear of the model (Linear names: "
             f"{', '.join(leaves)})"
@@ -334,7 +352,13 @@ def _detach(model: nn.Module, attached: _Attached, *, merge: bool) -> None:
 def merge_adapter(model: nn.Module) -> None:
     """Fold every update into its base weight (in place) and drop the LoRA layers; modules_to_save keep their
     trained values. Parameters get back the `requires_grad` they had before the adapter was added."""
-    _detach(model, _attached(model), merge=True)
+    attached = _attached(model)
+    if any(isinstance(m, LoraLinear) and m.base_layer is not None for m in model.modules()):
+        raise ValueError(
+            "cannot merge a LoRA adapter into quantised weights: save_adapter() it and load it onto the "
+            "full-precision base (from_pretrained(base, adapter=..., merge=True))"
+        )
+    _detach(model, attached, merge=True)
 
 
 def delete_adapter(model: nn.Module) -> None:

@@ -1,0 +1,127 @@
+"""Evaluation speed: predictions/s of `idefics eval` against a straightforward transformers loop, side by side.
+
+    python benchmarks/eval.py [--preset bench|tiny] [--threads 2] [--queries 32] [--shots 2] [--batch-size 8]
+
+Both sides answer the same few-shot VQA prompts (the demo world's rendered VQA set, shots from its train split) with
+the same random-weight model (one set of tensors): ours through `evaluate()` (prompt building, image loading,
+batched left-padded greedy generation, post-processing, the metric, predictions.jsonl), the reference as users write
+it: one `transformers.IdeficsForVisionText2Text.generate` per query at batch 1 on the same processor's inputs.
+A third run is `idefics eval --engine` (the continuous-batching engine with `--batch-size` slots).
+Each side generates exactly `--new-tokens` tokens per query (end tokens are held off: random weights would stop at
+random places). Prints predictions/s of each side, the speed-up, and how many answers agree (greedy on both sides).
+
+Presets: `bench` (benchmarks/common.py's CPU config: 512 wide, 8 layers, a 6-layer 224 px vision tower, fp32),
+`tiny` (checks the script itself).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from common import bench_config, ours_sharing, randomize_
+from tqdm import tqdm
+
+from idefics import DEMO_MODEL, IdeficsProcessor
+from idefics.demo.eval_sets import write_eval_sets
+from idefics.evaluation import EvalConfig, evaluate
+from idefics.evaluation.postprocess import clean_answer
+from idefics.evaluation.predictor import EnginePredictor, GeneratePredictor
+from idefics.evaluation.prompts import TEMPLATES
+from idefics.evaluation.run import load_sets, prompt_for, select_queries
+
+PRESETS = {"bench": dict(queries=32, shots=2, new_tokens=5), "tiny": dict(queries=6, shots=1, new_tokens=3)}
+
+
+def reference_loop(model, processor, config: EvalConfig, *, new_tokens: int) -> list[str]:
+    """One batch-1 transformers `generate` per query, as users write it."""
+    queries, support, _ = load_sets(config)
+    queries = select_queries(queries, config)
+    answers = []
+    for query in tqdm(queries, desc="transformers loop", unit="prediction", disable=not config.progress):
+        prompt = prompt_for(config, query, support, shots=config.shots[0], trial=0, template=TEMPLATES["vqa"],
+                            style="instruct")  # fmt: skip
+        inputs = processor(prompt, add_end_of_utterance_token=False)
+        with torch.inference_mode():
+            out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        answers.append(clean_answer(processor.decode(out[0, inputs["input_ids"].shape[1] :]), stops=[]))
+    return answers
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="bench", choices=list(PRESETS))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--queries", type=int, help="VQA questions answered by each side")
+    parser.add_argument("--shots", type=int)
+    parser.add_argument("--new-tokens", type=int)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--no-engine", action="store_true", help="skip the continuous-batching engine's run")
+    args = parser.parse_args()
+    preset = PRESETS[args.preset]
+    queries, shots = args.queries or preset["queries"], args.shots if args.shots is not None else preset["shots"]
+    new_tokens = args.new_tokens or preset["new_tokens"]
+    torch.set_num_threads(args.threads)
+    import transformers
+
+    cfg = bench_config(args.preset)
+    torch.manual_seed(0)
+    reference = transformers.IdeficsForVisionText2Text(transformers.IdeficsConfig(**cfg)).eval()
+    randomize_(reference)
+    ours = ours_sharing(reference, "cpu").eval()
+    processor = IdeficsProcessor.from_pretrained(DEMO_MODEL)  # ids < 404 fit any vocabulary of the presets
+    processor.image_processor.image_size = cfg["vision_config"]["image_size"]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = write_eval_sets(Path(tmp) / "data", val=queries, train=max(2 * queries, 8), seed=0)
+        config = EvalConfig(task="vqa", output=str(Path(tmp) / "out"), questions=str(root / "vqa/val_questions.json"),
+                            annotations=str(root / "vqa/val_annotations.json"), images=str(root / "vqa/val"),
+                            train_questions=str(root / "vqa/train_questions.json"),
+                            train_annotations=str(root / "vqa/train_annotations.json"),
+                            train_images=str(root / "vqa/train"), shots=(shots,), trials=1, prompt_style="instruct",
+                            batch_size=args.batch_size, max_new_tokens=new_tokens)  # fmt: skip
+        predict = GeneratePredictor(ours, processor, max_new_tokens=new_tokens)
+        predict.config.min_new_tokens = new_tokens  # hold off end tokens, as on the reference side
+        warm = replace(config, output=str(Path(tmp) / "warm-up"), num_samples=2, progress=False)
+        evaluate(warm, model=ours, processor=processor, predict=predict)  # one-time costs off the clock, both sides
+        reference_loop(reference, processor, warm, new_tokens=new_tokens)
+        start = time.perf_counter()
+        evaluate(config, model=ours, processor=processor, predict=predict)
+        ours_s = time.perf_counter() - start
+        rows = (Path(tmp) / "out" / "predictions.jsonl").read_text().splitlines()
+        ours_answers = [json.loads(row)["prediction"] for row in rows]
+        engine_s = None
+        if not args.no_engine:
+            config.output, config.engine = str(Path(tmp) / "out-engine"), True
+            with EnginePredictor(ours, processor, max_new_tokens=new_tokens, max_batch_size=args.batch_size,
+                                 max_queue=4 * args.batch_size, max_images=shots + 1) as engine:  # fmt: skip
+                engine.params.min_tokens = new_tokens
+                evaluate(replace(warm, output=str(Path(tmp) / "warm-up-engine")), model=ours, processor=processor,
+                         predict=engine)  # fmt: skip
+                start = time.perf_counter()
+                evaluate(config, model=ours, processor=processor, predict=engine)
+                engine_s = time.perf_counter() - start
+            config.output, config.engine = str(Path(tmp) / "out"), False
+        start = time.perf_counter()
+        ref_answers = reference_loop(reference, processor, config, new_tokens=new_tokens)
+        ref_s = time.perf_counter() - start
+
+    agree = sum(a == b for a, b in zip(ours_answers, ref_answers, strict=True))
+    print(f"\npreset={args.preset} threads={args.threads} queries={queries} shots={shots} new_tokens={new_tokens} "
+          f"batch_size={args.batch_size} (fp32, CPU)")  # fmt: skip
+    print(f"{'':24}{'predictions/s':>14}{'seconds':>9}")
+    print(f"{'idefics eval':24}{queries / ours_s:14.2f}{ours_s:9.1f}")
+    if engine_s is not None:
+        print(f"{'idefics eval --engine':24}{queries / engine_s:14.2f}{engine_s:9.1f}")
+    print(f"{'transformers loop (b=1)':24}{queries / ref_s:14.2f}{ref_s:9.1f}")
+    engine = f", --engine {ref_s / engine_s:.2f}x" if engine_s is not None else ""
+    print(f"speed-up {ref_s / ours_s:.2f}x{engine}; answers agree on {agree}/{queries}")
+
+
+if __name__ == "__main__":
+    main()

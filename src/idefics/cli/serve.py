@@ -1,0 +1,142 @@
+"""`idefics serve`: an OpenAI-compatible HTTP server (and a browser playground at /) on one engine.
+
+    idefics serve                                     # the demo model on http://127.0.0.1:8000
+    idefics serve --model HuggingFaceM4/idefics-9b-instruct --host 0.0.0.0 --api-key "$KEY" --max-batch-size 16
+
+The server keeps no state between requests: run more replicas (same --served-model-name) behind any HTTP load
+balancer to scale out. SIGTERM drains: /health turns 503, new requests get 503, requests in flight finish, then the
+process exits 0 (a second SIGTERM or SIGINT stops at once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+from pathlib import Path
+
+from .errors import UserError
+from .generate import DTYPES, device_and_dtype, load_model
+
+DEMO_MODEL_NAME = "idefics-demo"
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="serve a model over an OpenAI-compatible HTTP API, with a browser playground",
+        description="Serve an IDEFICS model over OpenAI's chat and completions API (and a playground at /).",
+    )
+    p.add_argument("--model", help="a model folder or hub id (default: the demo model shipped with the package)")
+    p.add_argument("--adapter", metavar="DIR", help="a LoRA adapter folder (ours or PEFT's) to apply to the model")
+    p.add_argument("--served-model-name", nargs="+", metavar="NAME",
+                   help="the model name(s) clients send; replicas of one model should share it"
+                   " (default: --model, or 'idefics-demo')")  # fmt: skip
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all interfaces)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port, printed at start)")
+    p.add_argument("--api-key", default=os.environ.get("IDEFICS_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $IDEFICS_API_KEY)")  # fmt: skip
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--dtype", choices=["auto", *DTYPES], help="default: bfloat16 on cuda, float32 on cpu")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on GPU)")
+    p.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together (decode slots)")
+    p.add_argument("--max-model-len", type=int, help="prompt + generated tokens per request (default: the model's)")
+    p.add_argument("--max-queue", type=int, default=64, help="waiting requests beyond which new ones get 429")
+    p.add_argument("--max-images-per-request", type=int, default=4)
+    p.add_argument("--max-image-bytes", type=int, default=20 * 1024 * 1024, help="encoded size of one image")
+    p.add_argument("--max-image-pixels", type=int, default=50_000_000, help="width x height of one image")
+    p.add_argument("--max-request-bytes", type=int, default=32 * 1024 * 1024, help="request body size")
+    p.add_argument("--request-timeout", type=float, help="seconds a request may wait and generate (default: no limit)")
+    p.add_argument("--allow-remote-images", action="store_true",
+                   help="fetch http(s) image URLs (public addresses only, unless --allowed-media-domains)")  # fmt: skip
+    p.add_argument("--allowed-media-domains", nargs="+", default=[], metavar="HOST",
+                   help="hosts fetched even when they resolve to private or loopback addresses")  # fmt: skip
+    p.add_argument("--allowed-local-media-path", metavar="DIR", help="serve file:// image URLs from inside DIR")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=run)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    positive = ["max_batch_size", "max_queue", "max_images_per_request", "max_image_bytes", "max_image_pixels",
+                "max_request_bytes", "max_model_len", "request_timeout"]  # fmt: skip
+    for name in positive:
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if not 0 <= args.port < 65536:
+        raise UserError(f"--port must be in [0, 65535], got {args.port}")
+    if args.allowed_local_media_path is not None and not Path(args.allowed_local_media_path).is_dir():
+        raise UserError(f"--allowed-local-media-path {args.allowed_local_media_path!r} is not a folder")
+    if args.adapter is not None and not Path(args.adapter).is_dir():
+        raise UserError(f"adapter folder {args.adapter!r} does not exist")
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port (port 0: any free one)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]  # fmt: skip
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as err:
+        raise UserError(f"cannot listen on {host}:{port}: {err}") from None
+    return sock
+
+
+def build_engine(args: argparse.Namespace):
+    """The model, processor and (not yet started) engine from the flags."""
+    from .. import DEMO_MODEL
+    from ..processing import UrlPolicy
+    from ..serving import Engine, EngineConfig
+
+    device, dtype = device_and_dtype(args)
+    model, processor = load_model(args.model or DEMO_MODEL, adapter=args.adapter, device=device, dtype=dtype)
+    processor.image_processor.url_policy = UrlPolicy(enabled=False)  # the server loads images itself, checked
+    config = EngineConfig(
+        max_batch_size=args.max_batch_size,
+        max_model_len=args.max_model_len,
+        max_queue=args.max_queue,
+        max_images_per_request=args.max_images_per_request,
+        compile=args.compile,
+    )
+    try:
+        return Engine(model, processor, config), processor
+    except ValueError as err:  # e.g. --max-model-len beyond the model's positions
+        raise UserError(str(err)) from None
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..processing.chat import END_OF_UTTERANCE
+    from ..serving.app import ServerConfig, create_app
+    from ..serving.media import MediaPolicy
+    from ..serving.server import serve
+
+    check_args(args)
+    sock = listen(args.host, args.port)
+    engine, processor = build_engine(args)
+    eou = processor.tokenizer.backend.token_to_id(END_OF_UTTERANCE)
+    names = args.served_model_name or [args.model or DEMO_MODEL_NAME]
+    config = ServerConfig(
+        served_model_names=names,
+        api_key=args.api_key or None,
+        media=MediaPolicy(
+            allow_remote=args.allow_remote_images,
+            allowed_domains=tuple(args.allowed_media_domains),
+            allowed_local_path=Path(args.allowed_local_media_path) if args.allowed_local_media_path else None,
+            max_bytes=args.max_image_bytes,
+            max_pixels=args.max_image_pixels,
+        ),
+        max_images_per_request=args.max_images_per_request,
+        max_request_bytes=args.max_request_bytes,
+        request_timeout=args.request_timeout,
+        eos_token_ids=[] if eou is None else [eou],
+    )
+    app = create_app(engine, config=config)
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    print(f"idefics serve: {names[0]} on http://{shown}:{port} (playground at /)", file=sys.stderr, flush=True)
+    serve(app, engine=engine, sock=sock, log_level=args.log_level, drain_timeout=args.request_timeout)
+    return 0

@@ -1,0 +1,97 @@
+"""Swap a model's Linear layers for quantised ones: `quantize_model`, and the rules of which layers and where.
+
+Quantised: every nn.Linear of the decoder, the gated cross-attention layers, the perceiver resampler and the vision
+tower. Kept in full precision: embeddings, norms, the 2-row `additional_fc`, and the LM head, which is not an
+nn.Linear here (`IdeficsDecoupledLinear`): its logits decide every token, it may share its rows with the embedding,
+and on idefics-9b it is 2% of the weights a decode step reads.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import QuantizationConfig, QuantizationError
+from .int4 import Int4Linear
+from .int8 import Int8Linear
+from .kernels import INT4_GROUP_SIZES
+from .linear import QuantizedLinear
+from .nf4 import Nf4Linear
+
+LAYERS: dict[str, type[QuantizedLinear]] = {"int8": Int8Linear, "int4": Int4Linear, "nf4": Nf4Linear}
+KEEP_FULL_PRECISION = ("additional_fc",)  # module names never quantised
+DEVICES = ("cpu", "cuda")  # where the schemes run (int8 and int4 with kernels, nf4 by dequantising)
+# The stored float tensors of quantised layers: a loader keeps them float32 whatever the model's dtype.
+METADATA_PATTERN = r"\.weight_(scale|scale_zero|absmax|absmax_scale|absmax_offset)$"
+
+
+def quantizable(model: nn.Module) -> list[str]:
+    """Paths of the Linears `quantize_model` replaces."""
+    return [
+        name
+        for name, module in model.named_modules()
+        if type(module) is nn.Linear and name.rpartition(".")[2] not in KEEP_FULL_PRECISION
+    ]
+
+
+def check_device(config: QuantizationConfig, device: torch.device | str) -> None:
+    """QuantizationError when `config`'s scheme cannot run on `device`."""
+    device = torch.device(device)
+    if device.type not in DEVICES:
+        raise QuantizationError(f"{config.scheme} quantisation runs on {' or '.join(DEVICES)}, not on {device}")
+
+
+def layer_options(config: QuantizationConfig) -> dict:
+    if config.scheme == "int4":
+        return dict(group_size=config.group_size)
+    if config.scheme == "nf4":
+        return dict(block_size=config.block_size, double_quant=config.double_quant)
+    return {}
+
+
+def quantize_model(
+    model: nn.Module, config: QuantizationConfig, *, device: torch.device | str | None = None
+) -> list[str]:
+    """Replace the quantisable Linears of `model` by `config`'s quantised layers, in place; returns their paths.
+
+    On the meta device the new layers are empty (a loader fills them); otherwise each weight is quantised on its
+    device as its layer is swapped, so at most one layer exists in both precisions at a time. QuantizationError
+    names the first layer `config` does not fit (an int4 group size that does not divide its in features) and
+    refuses a device the scheme cannot run on.
+    """
+    check_device(config, device or next(model.parameters()).device)
+    if any(type(m).__name__ == "LoraLinear" for m in model.modules()):
+        raise QuantizationError("quantise the base model before adding a LoRA adapter, not after")
+    names = quantizable(model)
+    if config.scheme == "int4":  # the kernels take group sizes 32-256; layers they cannot take dequantise instead
+        for name in names:
+            in_features = model.get_submodule(name).in_features
+            if in_features % config.group_size or in_features % 2:
+                raise QuantizationError(
+                    f"int4 group_size {config.group_size} does not divide layer {name!r} (in features {in_features}; "
+                    f"int4 also needs an even number); the kernels take {', '.join(map(str, INT4_GROUP_SIZES))}, "
+                    "other sizes run by dequantising"
+                )
+    cls, options = LAYERS[config.scheme], layer_options(config)
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        holder = model.get_submodule(parent)
+        setattr(holder, child, cls.from_linear(getattr(holder, child), **options))
+    return names
+
+
+def finish_loading(model: nn.Module) -> None:
+    """After a loader attached stored quantised tensors: put each layer's into its kernel's layout and dtypes."""
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            module.finish_loading()
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of all parameters and buffers, quantised ones as stored (the model's weight memory)."""
+    seen, total = set(), 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            total += tensor.numel() * tensor.element_size()
+    return total

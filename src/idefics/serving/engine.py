@@ -1,0 +1,379 @@
+"""The continuous-batching engine: one thread owns the model and keeps its decode batch full.
+
+Each iteration of the engine thread: apply cancellations, run one decode step over every running row at once
+(slots 0..B-1 of the slot cache, each row at its own position), hand each row its token, free the rows that
+finished, then admit waiting requests within the prefill token budget: each is prefilled alone (vision, perceiver and
+image K/V once), copied into its slot(s) (n of them for n choices) and joins the next decode step. Requests are
+tokenised and their images preprocessed in the submitting thread, so bad input fails at `submit`.
+
+The decode step is eager over exactly the positions in use on CPU. With `compile` it has fixed shapes per
+(batch bucket, length bucket), every image slot read: torch.compile'd with `compile=True`, and captured as a CUDA
+graph per bucket on CUDA (`compile="auto"` captures the eager fixed-shape step there, without compiling).
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+import torch
+
+from ..generation.graphs import CudaGraphStep
+from ..generation.loop import prefill
+from .events import FinishEvent, TokenEvent, TokenLogprob
+from .inputs import encode_prompt
+from .metrics import EngineMetrics
+from .params import ContextLengthError, EngineDraining, SamplingParams
+from .requests import Request, RequestStream, Row, make_deltas
+from .sampler import choose, top_logprobs
+from .scheduler import Scheduler
+from .slots import SlotCache, slot_decode
+
+LENGTH_BUCKET = 256  # fixed-shape steps attend to a multiple of this many positions
+
+
+@dataclass
+class EngineConfig:
+    max_batch_size: int = 8  # decode slots
+    max_model_len: int | None = None  # positions per slot; default: the model's max positions
+    max_queue: int = 64  # waiting requests beyond which submit raises EngineOverloaded
+    max_images_per_request: int = 4  # image slots per request (the image K/V buffers' size)
+    prefill_token_budget: int = 2048  # prompt tokens prefilled between two decode steps
+    # True: fixed-shape steps, torch.compile'd, each bucket captured as a CUDA graph on CUDA; "auto": on CUDA the
+    # fixed-shape steps as CUDA graphs without torch.compile, on CPU eager (the default there, by measurement)
+    compile: bool | str = False
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_size", "max_queue", "prefill_token_budget"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"EngineConfig.{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if not isinstance(self.max_images_per_request, int) or self.max_images_per_request < 0:
+            raise ValueError(f"EngineConfig.max_images_per_request must be >= 0, got {self.max_images_per_request!r}")
+        if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
+            raise ValueError(f"EngineConfig.max_model_len must be an integer >= 2 or None, got {self.max_model_len!r}")
+        if self.compile not in (True, False, "auto"):
+            raise ValueError(f"EngineConfig.compile must be True, False or 'auto', got {self.compile!r}")
+
+
+class Engine:
+    """Serves many requests on one model: `submit` returns a RequestStream; see the module docstring."""
+
+    def __init__(self, model, processor=None, config: EngineConfig | None = None):
+        self.model = model.eval()
+        self.processor = processor
+        self.tokenizer = processor.tokenizer if processor is not None else None
+        self.config = config = config or EngineConfig()
+        c = model.config
+        limit = int(c.max_position_embeddings * c.rope_scaling_factor)
+        if config.max_model_len is not None and config.max_model_len > limit:
+            raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's {limit} positions")
+        self.max_model_len = config.max_model_len or limit
+        self.device = model.lm_head.weight.device
+        self.vocab_size = c.vocab_size + c.additional_vocab_size
+        eos = c.eos_token_id
+        self.eos_ids = set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
+        self.slots = SlotCache(model, num_slots=config.max_batch_size, max_len=self.max_model_len,
+                               max_images=config.max_images_per_request)  # fmt: skip
+        self.seen = torch.zeros(config.max_batch_size, self.vocab_size, dtype=torch.bool, device=self.device)
+        self.generator = torch.Generator(device=self.device)
+        self.generator.seed()
+        self.static = config.compile is True or (config.compile == "auto" and self.device.type == "cuda")
+        self._steps: dict[tuple[int, int], object] = {}  # static steps per (batch bucket, length bucket)
+        self.scheduler = Scheduler(max_queue=config.max_queue, prefill_token_budget=config.prefill_token_budget)
+        self.metrics = EngineMetrics()
+        self._rows: dict[int, Row] = {}  # slot -> row (engine thread only)
+        self._running_requests = 0
+        self._cond = threading.Condition()
+        self._cancelled: set[RequestStream] = set()
+        self._thread: threading.Thread | None = None
+        self._draining = self._stopping = self._abort = False
+        self._ids = itertools.count()
+
+    # -- lifecycle --------------------------------------------------------------------------------------------------
+    def start(self) -> Engine:
+        """Start the engine thread (idempotent)."""
+        with self._cond:
+            if self._thread is None and not self._stopping:
+                self._thread = threading.Thread(target=self._loop, name="idefics-engine", daemon=True)
+                self._thread.start()
+        return self
+
+    def __enter__(self) -> Engine:
+        return self.start()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.shutdown(drain=exc_type is None)
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    def shutdown(self, *, drain: bool = True, timeout: float | None = None) -> None:
+        """Refuse new requests; with `drain` finish the running and waiting ones, else cancel them; stop the thread."""
+        with self._cond:
+            self._draining = True
+            if not drain:
+                self._abort = True
+            has_work = bool(self.scheduler.waiting) or bool(self._rows)
+        if self._thread is None and drain and has_work:
+            self.start()
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        else:
+            self._cancel_all()
+
+    # -- submission -------------------------------------------------------------------------------------------------
+    def submit(self, prompt, params: SamplingParams | None = None, *, request_id: str | None = None) -> RequestStream:
+        """Queue a request; see the API notes in `idefics.serving`. Raises ValueError, ContextLengthError,
+        EngineOverloaded or EngineDraining."""
+        if self._draining:
+            raise EngineDraining("the engine is shutting down and accepts no new requests")
+        params = params if params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
+        if params.n > self.config.max_batch_size:
+            raise ValueError(f"SamplingParams.n is {params.n} but the engine has {self.config.max_batch_size} slots")
+        inputs = encode_prompt(prompt, self.processor, vocab_size=self.vocab_size, device=self.device)
+        if inputs.num_images > self.config.max_images_per_request:
+            raise ValueError(f"the prompt has {inputs.num_images} images; this engine takes at most "
+                             f"{self.config.max_images_per_request} per request")  # fmt: skip
+        t = inputs.input_ids.shape[1]
+        if t + params.max_tokens > self.max_model_len:
+            raise ContextLengthError(max_model_len=self.max_model_len, prompt_tokens=t, max_tokens=params.max_tokens)
+        request_id = request_id if request_id is not None else f"req-{uuid.uuid4().hex[:16]}"
+        stream = RequestStream(request_id, t, params.n, self._cancel)
+        request = Request(request_id, inputs.input_ids, inputs.image_inputs, inputs.num_images, params, stream)
+        with self._cond:
+            if self._draining:
+                raise EngineDraining("the engine is shutting down and accepts no new requests")
+            self.scheduler.add(request)
+            self._cond.notify_all()
+        return stream
+
+    def _cancel(self, stream: RequestStream) -> None:
+        with self._cond:
+            waiting = next((r for r in self.scheduler.waiting if r.stream is stream), None)
+            if waiting is not None:
+                self.scheduler.remove(waiting)
+            else:
+                self._cancelled.add(stream)
+                self._cond.notify_all()
+        if waiting is not None:
+            self._finish_unstarted(waiting, "cancelled")
+
+    # -- metrics ----------------------------------------------------------------------------------------------------
+    def stats(self) -> dict:
+        """Requests running and waiting, slots, cache bytes, token counts, finish reasons, latency summaries."""
+        with self._cond:
+            waiting = len(self.scheduler.waiting)
+            running, used = self._running_requests, self.slots.num_slots - self.slots.free
+        return {"running": running, "waiting": waiting, "slots_used": used, "slots_total": self.slots.num_slots,
+                "cache_bytes": self.slots.nbytes, **self.metrics.snapshot()}  # fmt: skip
+
+    # -- the engine thread ------------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._rows or self.scheduler.waiting or self._stopping or self._cancelled)
+                if self._abort or (self._stopping and not self._rows and not self.scheduler.waiting):
+                    break
+            try:
+                self.step()
+            except Exception as err:  # a bug must not leave streams waiting forever: end what was running
+                self._fail_running(f"{type(err).__name__}: {err}")
+        self._cancel_all()
+
+    def step(self) -> bool:
+        """One iteration: cancellations, one decode step over the running rows, admissions. The engine thread
+        calls it; without `start()` a caller may drive the engine with it (deterministic tests, offline batches).
+        Returns whether work remains."""
+        with self._cond:
+            cancelled, self._cancelled = self._cancelled, set()
+        for row in list(self._rows.values()):
+            if row.request.stream in cancelled:
+                row.request.stream.push([self._finish(row, "cancelled")])
+        if self._rows:
+            self._decode()
+        self._admit()
+        with self._cond:
+            return bool(self._rows or self.scheduler.waiting)
+
+    def _cancel_all(self) -> None:
+        for row in list(self._rows.values()):
+            row.request.stream.push([self._finish(row, "cancelled")])
+        with self._cond:
+            waiting = list(self.scheduler.waiting)
+            self.scheduler.waiting.clear()
+        for request in waiting:
+            self._finish_unstarted(request, "cancelled")
+
+    def _fail_running(self, message: str) -> None:
+        for row in list(self._rows.values()):
+            row.request.stream.push([self._finish(row, "error", error=message)])
+
+    def _admit(self) -> None:
+        budget, first = self.config.prefill_token_budget, True
+        while not self._abort:
+            with self._cond:
+                request = self.scheduler.next(free_slots=self.slots.free, budget_left=budget, first=first)
+            if request is None:
+                return
+            budget, first = budget - request.prompt_tokens, False
+            self._prefill(request)
+
+    @torch.inference_mode()
+    def _prefill(self, request: Request) -> None:
+        t = request.prompt_tokens
+        try:
+            logits, state = prefill(self.model, request.input_ids, capacity=t, **request.image_inputs)  # (1, v)
+        except Exception as err:  # a bad request must not stop the engine
+            self._finish_unstarted(request, "error", error=f"{type(err).__name__}: {err}")
+            return
+        now = time.perf_counter()
+        self.metrics.observe("queue_time", now - request.arrival_clock)
+        with self.metrics.lock:
+            self.metrics.prompt_tokens_total += t
+        rows = []
+        with self._cond:
+            slots = self.slots.allocate(request.params.n)
+            self._running_requests += 1
+        for index, slot in enumerate(slots):
+            self.slots.load(slot, state, t)
+            self.seen[slot] = False
+            self.seen[slot, request.input_ids[0]] = True
+            p = request.params
+            generator = None
+            if p.seed is not None and p.temperature > 0:
+                generator = torch.Generator(device=self.device).manual_seed(p.seed + index)
+            eos = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_ids)
+            row = Row(request, index, slot, eos, make_deltas(self.tokenizer, p), generator, admitted=now)
+            self._rows[slot] = row
+            rows.append(row)
+        self._emit(rows, logits.expand(len(rows), -1))
+
+    @torch.inference_mode()
+    def _decode(self) -> None:
+        slots = sorted(self._rows)
+        lengths = self.slots.lengths
+        b = slots[-1] + 1
+        length = max(lengths[s] for s in slots) + 1
+        images = max(self.slots.images[s] for s in slots)
+        tokens = [0] * b
+        for s in slots:
+            tokens[s] = self._rows[s].tokens[-1]
+        self.slots.positions.copy_(torch.tensor(lengths))  # free slots write (unread) at position 0
+        token_tensor = torch.tensor(tokens, device=self.device)
+        try:
+            if self.static:
+                logits = self._static_step(b, length)(token_tensor)
+            else:
+                logits = slot_decode(self.model, self.slots, token_tensor, b, length, images)  # (B, v)
+        except Exception as err:
+            self._fail_running(f"{type(err).__name__}: {err}")
+            return
+        for s in slots:
+            lengths[s] += 1
+        if slots != list(range(b)):
+            logits = logits[torch.tensor(slots, device=self.device)]
+        self._emit([self._rows[s] for s in slots], logits)
+
+    def _static_step(self, b: int, length: int):
+        """The fixed-shape step for b rows: batch and length rounded up to their buckets (built once each)."""
+        n = self.config.max_batch_size
+        bucket = min(n, 1 << (b - 1).bit_length())
+        span = min(self.max_model_len, -(-length // LENGTH_BUCKET) * LENGTH_BUCKET)
+        key = (bucket, span)
+        if key not in self._steps:
+            fn = compiled_slot_decode() if self.config.compile is True else slot_decode
+            images = self.config.max_images_per_request
+
+            def step(tokens: torch.Tensor) -> torch.Tensor:
+                return fn(self.model, self.slots, tokens, bucket, span, images)
+
+            self._steps[key] = CudaGraphStep(step, bucket, self.device) if self.device.type == "cuda" else step
+        step = self._steps[key]
+        return lambda tokens: step(torch.nn.functional.pad(tokens, (0, bucket - b)))[:b]
+
+    # -- rows -------------------------------------------------------------------------------------------------------
+    def _emit(self, rows: list[Row], logits: torch.Tensor) -> None:
+        """Choose each row's next token from logits (rows, v), stream it, finish the rows that are done."""
+        index = torch.tensor([r.slot for r in rows], device=self.device)
+        penalised = any(r.params.repetition_penalty != 1.0 for r in rows)
+        seen = self.seen[index] if penalised else None
+        tokens, logprobs = choose(logits, [r.sampling() for r in rows], seen=seen, generator=self.generator)
+        self.seen[index, torch.tensor(tokens, device=self.device)] = True
+        now = time.perf_counter()
+        with self.metrics.lock:
+            self.metrics.generation_tokens_total += len(rows)
+        for i, (row, token) in enumerate(zip(rows, tokens, strict=True)):
+            events = self._advance(row, token, logprobs[i] if logprobs is not None else None, now)
+            row.request.stream.push(events)
+
+    def _advance(self, row: Row, token: int, logprobs: torch.Tensor | None, now: float) -> list:
+        if row.first_token is None:
+            row.first_token = now
+            self.metrics.observe("ttft", now - row.request.arrival_clock)
+        else:
+            self.metrics.observe("itl", now - row.last_token)
+        row.last_token = now
+        row.tokens.append(token)
+        text = row.deltas.push(token) if row.deltas is not None else ""
+        reason = None
+        if row.deltas is not None and row.deltas.stopped or token in row.eos:
+            reason = "stop"
+        elif len(row.tokens) >= row.params.max_tokens:
+            reason = "length"
+        if reason is not None and row.deltas is not None and not row.deltas.stopped:
+            text += row.deltas.finish()
+        row.text += text
+        entry = None
+        if logprobs is not None and row.params.logprobs is not None:
+            chosen, top = top_logprobs(logprobs, token, row.params.logprobs)
+            entry = [TokenLogprob(token, self._token_text(token), chosen,
+                                  [(i, self._token_text(i), lp) for i, lp in top])]  # fmt: skip
+        events = [TokenEvent(row.index, [token], text, entry)]
+        if reason is not None:
+            events.append(self._finish(row, reason, now=now))
+        return events
+
+    def _token_text(self, token: int) -> str:
+        return self.tokenizer.decode([token], skip_special_tokens=False) if self.tokenizer is not None else ""
+
+    def _finish(self, row: Row, reason: str, *, now: float | None = None, error: str | None = None) -> FinishEvent:
+        """End a running row: free its slot, count it, build its FinishEvent."""
+        now = now if now is not None else time.perf_counter()
+        del self._rows[row.slot]
+        with self._cond:
+            self.slots.release(row.slot)
+            if not any(r.request is row.request for r in self._rows.values()):
+                self._running_requests -= 1
+        self.metrics.finished(reason)
+        self.metrics.observe("e2e", now - row.request.arrival_clock)
+        req = row.request
+        return FinishEvent(row.index, reason, row.text, list(row.tokens), req.prompt_tokens, len(row.tokens),
+                           row.timings(now), error)  # fmt: skip
+
+    def _finish_unstarted(self, request: Request, reason: str, *, error: str | None = None) -> None:
+        now = time.perf_counter()
+        timings = {"arrival": request.arrival, "queue_time": now - request.arrival_clock,
+                   "e2e": now - request.arrival_clock}  # fmt: skip
+        for _ in range(request.params.n):
+            self.metrics.finished(reason)
+        request.stream.push([FinishEvent(i, reason, "", [], request.prompt_tokens, 0, dict(timings), error)
+                             for i in range(request.params.n)])  # fmt: skip
+
+
+_COMPILED: dict[str, object] = {}
+
+
+def compiled_slot_decode():
+    """`slot_decode` compiled once per process (one specialisation per bucket)."""
+    if "step" not in _COMPILED:
+        _COMPILED["step"] = torch.compile(slot_decode, fullgraph=True, dynamic=False)
+    return _COMPILED["step"]

@@ -1,0 +1,319 @@
+"""The OpenAI API's request and response bodies as pydantic models: all request validation happens here.
+
+Requests follow OpenAI's chat and completions schemas plus the sampling extras vLLM users send (`top_k`,
+`min_tokens`, `repetition_penalty`, `ignore_eos`, `stop_token_ids`, `skip_special_tokens`); unknown fields are
+ignored. `/v1/completions` takes one raw IDEFICS prompt in which each `<image>` marks where the next of `images`
+(data URIs or URLs) goes. Responses and stream chunks have exactly OpenAI's shape, so official clients parse them.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MAX_TOP_LOGPROBS = 20
+INT32 = 2**31 - 1  # bounds integer fields, so a huge number is a clear 400 rather than an overflow somewhere deeper
+
+
+class Request(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+# ---- requests ------------------------------------------------------------------------------------------------------
+
+
+class TextPart(Request):
+    type: Literal["text"]
+    text: str
+
+
+class ImageURL(Request):
+    url: str = Field(min_length=1)
+    detail: str | None = None  # accepted, ignored: IDEFICS sees every image at one resolution
+
+
+class ImagePart(Request):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+    @field_validator("image_url", mode="before")
+    @classmethod
+    def _bare_url(cls, value: object) -> object:
+        return {"url": value} if isinstance(value, str) else value  # some clients send the URL string directly
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
+class ChatMessage(Request):
+    role: Literal["system", "developer", "user", "assistant"]  # "developer" is OpenAI's new name for "system"
+    content: str | list[ContentPart]
+    name: str | None = None  # accepted, ignored
+
+
+class StreamOptions(Request):
+    include_usage: bool = False
+
+
+class SamplingRequest(Request):
+    """The fields shared by chat and completions requests."""
+
+    model: str | None = None  # None: the served model
+    max_tokens: int | None = Field(None, ge=1, le=INT32)  # None: up to the model's context length
+    temperature: float = Field(1.0, ge=0.0, le=100.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1, le=128)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    # vLLM's extras
+    top_k: int = Field(0, ge=-1, le=INT32)  # 0 or -1: off
+    min_tokens: int = Field(0, ge=0, le=INT32)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=100.0)
+    ignore_eos: bool = False
+    stop_token_ids: list[Annotated[int, Field(ge=0, le=INT32)]] | None = None
+    skip_special_tokens: bool = True
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings(cls, value: str | list[str] | None) -> list[str]:
+        stops = [value] if isinstance(value, str) else list(value or [])
+        if any(not stop for stop in stops):
+            raise ValueError("stop strings must not be empty")
+        return stops
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    def sampling_kwargs(self, *, max_tokens: int | None, logprobs: int | None, eos_ids: list[int]) -> dict:
+        """Keyword arguments for the engine's `SamplingParams`; `eos_ids` (the chat format's end of turn) are added
+        to the request's own `stop_token_ids` unless it asks for `ignore_eos`."""
+        return dict(
+            max_tokens=max_tokens if max_tokens is not None else self.max_tokens,
+            min_tokens=self.min_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=max(self.top_k, 0),
+            repetition_penalty=self.repetition_penalty,
+            seed=self.seed,
+            stop=list(self.stop or []),
+            stop_token_ids=list(self.stop_token_ids or []) + ([] if self.ignore_eos else eos_ids),
+            ignore_eos=self.ignore_eos,
+            n=self.n,
+            logprobs=logprobs,
+            skip_special_tokens=self.skip_special_tokens,
+        )
+
+
+class ChatCompletionRequest(SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=INT32)  # OpenAI's newer name for max_tokens
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _check(self) -> ChatCompletionRequest:
+        if self.max_completion_tokens is not None:
+            self.max_tokens = self.max_completion_tokens
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        if self.messages[-1].role == "assistant":
+            raise ValueError("the last message must not be the assistant's: nothing would be left to answer")
+        return self
+
+    @property
+    def engine_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: str | list[int] | list[str] = Field(min_length=1)  # a list of strings: one prompt (batches unsupported)
+    images: list[str] = []  # data URIs or URLs, one per <image> in the prompt, in order
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    echo: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> CompletionRequest:
+        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], str):
+            if len(self.prompt) != 1:
+                raise ValueError(f"one prompt per request, got a batch of {len(self.prompt)}")
+            self.prompt = self.prompt[0]
+        if isinstance(self.prompt, list) and self.images:
+            raise ValueError("a prompt of token ids cannot have images")
+        if self.echo:
+            raise ValueError("echo is not supported")
+        return self
+
+
+# ---- responses -----------------------------------------------------------------------------------------------------
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprobOut(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprobOut]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class Delta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(BaseModel):
+    index: int
+    delta: Delta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "idefics"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | int | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    408: "timeout_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "service_unavailable",
+}
+
+
+def error_body(status: int, message: str, *, param: str | None = None, code: str | None = None) -> ErrorResponse:
+    """OpenAI's error shape for an HTTP status."""
+    detail = ErrorDetail(message=message, type=ERROR_TYPES.get(status, "error"), param=param, code=code)
+    return ErrorResponse(error=detail)
+
+
+# ---- logprobs in OpenAI's two shapes ---------------------------------------------------------------------------------
+
+
+def _bytes(token: str) -> list[int]:
+    return list(token.encode("utf-8"))
+
+
+def chat_logprobs(items: list) -> ChatLogprobs:
+    """The engine's `TokenLogprob`s as chat's `logprobs.content`."""
+    return ChatLogprobs(
+        content=[
+            TokenLogprobOut(
+                token=item.token,
+                logprob=item.logprob,
+                bytes=_bytes(item.token),
+                top_logprobs=[TopLogprob(token=t, logprob=lp, bytes=_bytes(t)) for _, t, lp in item.top],
+            )
+            for item in items
+        ]
+    )
+
+
+def completion_logprobs(items: list, *, offset: int = 0) -> CompletionLogprobs:
+    """The engine's `TokenLogprob`s as the completions API's parallel lists (`offset`: text before them)."""
+    offsets = []
+    for item in items:
+        offsets.append(offset)
+        offset += len(item.token)
+    return CompletionLogprobs(
+        tokens=[item.token for item in items],
+        token_logprobs=[item.logprob for item in items],
+        top_logprobs=[{t: lp for _, t, lp in item.top} for item in items],
+        text_offset=offsets,
+    )

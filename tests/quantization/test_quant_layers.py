@@ -1,0 +1,113 @@
+"""The quantised layers on their own: quantise -> dequantise error bounds per scheme, the kernels against
+dequantise-then-matmul, the stored layouts, the backward of a frozen quantised weight, and the errors."""
+
+import pytest
+import torch
+from torch import nn
+
+from idefics.quantization import Int4Linear, Int8Linear, Nf4Linear, QuantizationConfig, QuantizationError
+from idefics.quantization.kernels import int4_pack, int4_unpack, nf4_code, pack_nibbles, unpack_nibbles
+from idefics.quantization.swap import check_device
+
+# The NF4 table as printed in the QLoRA paper's appendix (Dettmers et al. 2023).
+NF4_PUBLISHED = [
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725, 0.24611230194568634,
+    0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+]  # fmt: skip
+SCHEMES = {
+    "int8": (Int8Linear, {}),
+    "int4": (Int4Linear, dict(group_size=32)),
+    "nf4": (Nf4Linear, dict(block_size=64, double_quant=True)),
+    "nf4-single": (Nf4Linear, dict(block_size=64, double_quant=False)),
+}
+# Relative Frobenius error of the dequantised weight on Gaussian weights (measured: 0.0064, 0.079, 0.093, 0.093).
+BOUNDS = {"int8": 0.008, "int4": 0.09, "nf4": 0.10, "nf4-single": 0.10}
+
+
+def gaussian_linear(n: int, k: int, *, bias: bool = True, seed: int = 0) -> nn.Linear:
+    torch.manual_seed(seed)
+    linear = nn.Linear(k, n, bias=bias)
+    with torch.no_grad():
+        linear.weight.normal_(0, k**-0.5)
+    return linear
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("shape", [(64, 128), (48, 96)])  # (48, 96): int4 runs without the kernel (48 rows)
+def test_dequantised_weight_within_bound(scheme, shape):
+    cls, options = SCHEMES[scheme]
+    linear = gaussian_linear(*shape)
+    layer = cls.from_linear(linear, **options)
+    w = linear.weight.detach()
+    error = (layer.dequantize() - w).norm() / w.norm()
+    assert 0 < error < BOUNDS[scheme]
+    if scheme == "int8":  # symmetric per row: no value is off by more than half a step
+        step = w.abs().amax(dim=1, keepdim=True) / 127
+        assert ((layer.dequantize() - w).abs() <= 0.51 * step + 1e-6).all()
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_forward_matches_dequantised_matmul_and_backward(scheme):
+    cls, options = SCHEMES[scheme]
+    linear = gaussian_linear(64, 128)
+    layer = cls.from_linear(linear, **options)
+    x = torch.randn(2, 5, 128)
+    expected = x @ layer.dequantize().T + linear.bias.detach()  # (2, 5, 64)
+    with torch.no_grad():
+        y = layer(x)
+    assert y.shape == (2, 5, 64) and y.dtype == x.dtype
+    torch.testing.assert_close(y, expected, atol=0.03, rtol=0.02)  # the kernels take bf16 activations
+    x.requires_grad_(True)
+    layer(x).pow(2).sum().backward()
+    dy = 2 * (layer(x.detach()))  # (2, 5, 64)
+    torch.testing.assert_close(x.grad, dy @ layer.dequantize(), atol=1e-4, rtol=1e-4)
+    assert not any(p.requires_grad for p in layer.parameters())
+
+
+def test_int4_uses_the_kernel_where_it_fits_and_stores_the_plain_layout():
+    fits = Int4Linear.from_linear(gaussian_linear(64, 128), group_size=32)
+    assert fits.packed
+    unfit = Int4Linear.from_linear(gaussian_linear(48, 96), group_size=16)  # group 16: no kernel, dequantises
+    assert not unfit.packed
+    state = fits.state_dict()
+    assert state["weight"].shape == (64, 64) and state["weight"].dtype == torch.uint8
+    assert state["weight_scale_zero"].shape == (4, 64, 2)
+    fresh = Int4Linear(128, 64, bias=True, group_size=32)
+    fresh.load_state_dict(state, assign=True)
+    assert not fresh.packed
+    torch.testing.assert_close(fresh.dequantize(), fits.dequantize(), atol=0, rtol=0)
+    fresh.finish_loading()
+    assert fresh.packed and torch.equal(fresh.weight, fits.weight)
+
+
+def test_int4_layouts_round_trip():
+    q = torch.randint(0, 16, (48, 160), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(unpack_nibbles(pack_nibbles(q)), q.to(torch.uint8))
+    assert torch.equal(int4_unpack(int4_pack(q), 48, 160), q.to(torch.uint8))
+
+
+def test_nf4_code_is_the_published_table():
+    torch.testing.assert_close(nf4_code(), torch.tensor(NF4_PUBLISHED), atol=1e-6, rtol=0)
+
+
+def test_nf4_double_quant_stores_less_and_stays_close():
+    linear = gaussian_linear(256, 256, bias=False)
+    single = Nf4Linear.from_linear(linear, block_size=64, double_quant=False)
+    double = Nf4Linear.from_linear(linear, block_size=64, double_quant=True)
+    assert double.weight_bytes() < single.weight_bytes()
+    assert (double.absmax() - single.absmax()).abs().max() < 0.01 * single.absmax().max()
+    # An odd-sized weight fills its last block with padding that is never read back.
+    odd = Nf4Linear.from_linear(gaussian_linear(7, 9, bias=False), block_size=64, double_quant=True)
+    assert odd.dequantize().shape == (7, 9)
+
+
+def test_errors():
+    with pytest.raises(QuantizationError, match="unknown quantisation scheme 'int3'"):
+        QuantizationConfig("int3")
+    with pytest.raises(QuantizationError, match="group_size must be a positive integer"):
+        QuantizationConfig("int4", group_size=0)
+    with pytest.raises(QuantizationError, match="int8 quantisation runs on cpu or cuda, not on mps"):
+        check_device(QuantizationConfig("int8"), "mps")
+    with pytest.raises(QuantizationError, match="only checkpoints quantised by idefics"):
+        QuantizationConfig.from_dict({"quant_method": "bitsandbytes", "load_in_4bit": True})

@@ -219,11 +219,17 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=100.0, help="Poisson arrivals per second (0: all at once)")
     parser.add_argument("--concurrency", type=int, help="engine slots and static batch size (default: per preset)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads")
+    parser.add_argument("--prompt-len", type=int, nargs=2, metavar=("MIN", "MAX"), help="default: per preset")
+    parser.add_argument("--max-tokens", type=int, nargs=2, metavar=("MIN", "MAX"), help="default: per preset")
     parser.add_argument("--steady", action="store_true", help="also measure steady-state decode vs generate()")
     parser.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
                         help="the engine's compile setting (auto: CUDA graphs on CUDA, eager on CPU)")  # fmt: skip
     args = parser.parse_args()
-    preset = PRESETS[args.preset]
+    preset = dict(PRESETS[args.preset])
+    if args.prompt_len:
+        preset["prompt"] = tuple(args.prompt_len)
+    if args.max_tokens:
+        preset["new"] = tuple(args.max_tokens)
     torch.set_num_threads(args.threads)
     device, dtype = preset["device"], preset["dtype"]
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -247,6 +253,7 @@ def main() -> None:
     results = [engine, summarise("one-at-a-time", seq_out, seconds), summarise("static", static_out, static_seconds)]
 
     print(f"\npreset={args.preset} requests={n} rate={args.rate}/s concurrency={concurrency} threads={args.threads} "
+          f"prompt={preset['prompt']} max_tokens={preset['new']} "
           f"({dtype}, {device}); engine cache {stats['cache_bytes'] / 1e6:.1f} MB")  # fmt: skip
     print(f"{'':15}{'req/s':>8}{'out tok/s':>11}{'TTFT p50':>10}{'p99':>8}{'ITL p50':>10}{'p99':>8}  (seconds)")
     for r in results:

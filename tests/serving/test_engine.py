@@ -97,12 +97,14 @@ REQUESTS = {
 SCHEDULE = {0: ["a", "b"], 2: ["c"], 3: ["d", "e"], 9: ["f"], 40: ["g"]}  # "g" comes after most others finished
 
 
-def test_greedy_under_load_equals_generate_alone(tiny):
+@pytest.mark.parametrize("budget", [24, 1024], ids=["prefill-one-by-one", "prefill-batched"])
+def test_greedy_under_load_equals_generate_alone(tiny, budget):
     prompts = {k: encoded(seed, t, n) for k, (seed, t, n, _) in REQUESTS.items()}
     expected = {k: alone(tiny, prompts[k], REQUESTS[k][3]) for k in REQUESTS}
     for k, tokens in expected.items():  # precondition: no near-tie that last-bit differences could flip
         assert min_margin(tiny, prompts[k], tokens) > 1e-3, k
-    engine = Engine(tiny, None, EngineConfig(max_batch_size=4, max_images_per_request=3, prefill_token_budget=24))
+    # budget 24 admits one request per step; 1024 prefills the ones arriving together as one left-padded batch
+    engine = Engine(tiny, None, EngineConfig(max_batch_size=4, max_images_per_request=3, prefill_token_budget=budget))
     schedule = {
         step: [(k, prompts[k], SamplingParams(max_tokens=REQUESTS[k][3], temperature=0)) for k in keys]
         for step, keys in SCHEDULE.items()
@@ -160,6 +162,21 @@ def test_images_are_encoded_once_per_request_and_n_shares_the_prefill(tiny):
     g = streams["g"].result()
     expected = alone(tiny, encoded(2, 9, 1), 8)
     assert g[0].token_ids == g[1].token_ids and g[0].token_ids[: len(expected)] == expected
+
+
+def test_requests_arriving_together_share_one_prefill(tiny):
+    calls = []
+    hook = tiny.model.vision_model.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    prompts = {k: encoded(10 + k, 6 + 3 * k, k) for k in range(4)}  # 0-3 images, prompts of 6-15 tokens
+    try:
+        engine = Engine(tiny, None, EngineConfig(max_batch_size=4, max_images_per_request=3))
+        greedy = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+        streams = drive(engine, {0: [(k, prompt, greedy) for k, prompt in prompts.items()]})
+    finally:
+        hook.remove()
+    assert calls == [0 + 1 + 2 + 3]  # one vision call over every image of the four requests
+    for k, prompt in prompts.items():
+        assert streams[k].result()[0].token_ids == alone(tiny, prompt, 6, ignore_eos=True), k
 
 
 def test_cancel_frees_the_slot_and_leaves_others(tiny):

@@ -2,8 +2,9 @@
 
 Each iteration of the engine thread: apply cancellations, run one decode step over every running row at once
 (slots 0..B-1 of the slot cache, each row at its own position), hand each row its token, free the rows that
-finished, then admit waiting requests within the prefill token budget: each is prefilled alone (vision, perceiver and
-image K/V once), copied into its slot(s) (n of them for n choices) and joins the next decode step. Requests are
+finished, then admit waiting requests within the prefill token budget: they are prefilled together (prefill.py:
+left-padded into one batch, all their images through the vision tower and perceiver in one call, image K/V once per
+request), copied into their slot(s) (n of them for n choices) and join the next decode step. Requests are
 tokenised and their images preprocessed in the submitting thread, so bad input fails at `submit`.
 
 The decode step is eager over exactly the positions in use on CPU. With `compile` it has fixed shapes per
@@ -14,6 +15,7 @@ graph per bucket on CUDA (`compile="auto"` captures the eager fixed-shape step t
 from __future__ import annotations
 
 import itertools
+import sys
 import threading
 import time
 import uuid
@@ -22,11 +24,12 @@ from dataclasses import dataclass
 import torch
 
 from ..generation.graphs import CudaGraphStep
-from ..generation.loop import prefill
 from .events import FinishEvent, TokenEvent, TokenLogprob
 from .inputs import encode_prompt
 from .metrics import EngineMetrics
+from .openmp import release_openmp_team
 from .params import ContextLengthError, EngineDraining, SamplingParams
+from .prefill import Prefilled, padded_tokens, prefill_batch
 from .requests import Request, RequestStream, Row, make_deltas
 from .sampler import choose, top_logprobs
 from .scheduler import Scheduler
@@ -94,9 +97,11 @@ class Engine:
 
     # -- lifecycle --------------------------------------------------------------------------------------------------
     def start(self) -> Engine:
-        """Start the engine thread (idempotent)."""
+        """Start the engine thread (idempotent). The calling thread's idle OpenMP team is released first, so that
+        the engine thread's parallel kernels run at full speed (see openmp.py)."""
         with self._cond:
             if self._thread is None and not self._stopping:
+                release_openmp_team()
                 self._thread = threading.Thread(target=self._loop, name="idefics-engine", daemon=True)
                 self._thread.start()
         return self
@@ -218,44 +223,56 @@ class Engine:
             row.request.stream.push([self._finish(row, "error", error=message)])
 
     def _admit(self) -> None:
-        budget, first = self.config.prefill_token_budget, True
-        while not self._abort:
-            with self._cond:
-                request = self.scheduler.next(free_slots=self.slots.free, budget_left=budget, first=first)
-            if request is None:
-                return
-            budget, first = budget - request.prompt_tokens, False
-            self._prefill(request)
-
-    @torch.inference_mode()
-    def _prefill(self, request: Request) -> None:
-        t = request.prompt_tokens
-        try:
-            logits, state = prefill(self.model, request.input_ids, capacity=t, **request.image_inputs)  # (1, v)
-        except Exception as err:  # a bad request must not stop the engine
-            self._finish_unstarted(request, "error", error=f"{type(err).__name__}: {err}")
+        if self._abort:
             return
-        now = time.perf_counter()
-        self.metrics.observe("queue_time", now - request.arrival_clock)
-        with self.metrics.lock:
-            self.metrics.prompt_tokens_total += t
-        rows = []
         with self._cond:
-            slots = self.slots.allocate(request.params.n)
-            self._running_requests += 1
-        for index, slot in enumerate(slots):
-            self.slots.load(slot, state, t)
-            self.seen[slot] = False
-            self.seen[slot, request.input_ids[0]] = True
-            p = request.params
-            generator = None
-            if p.seed is not None and p.temperature > 0:
-                generator = torch.Generator(device=self.device).manual_seed(p.seed + index)
-            eos = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_ids)
-            row = Row(request, index, slot, eos, make_deltas(self.tokenizer, p), generator, admitted=now)
-            self._rows[slot] = row
-            rows.append(row)
-        self._emit(rows, logits.expand(len(rows), -1))
+            requests = self.scheduler.admit(free_slots=self.slots.free, cost=padded_tokens)
+        if not requests:
+            return
+        try:
+            batch = prefill_batch(self.model, requests)
+        except Exception:  # one bad request must not fail the others: prefill each alone to find it
+            if len(requests) == 1:
+                self._fail_prefill(requests[0])
+                return
+            for request in requests:
+                try:
+                    self._start([request], prefill_batch(self.model, [request]))
+                except Exception:
+                    self._fail_prefill(request)
+            return
+        self._start(requests, batch)
+
+    def _fail_prefill(self, request: Request) -> None:
+        err = sys.exc_info()[1]
+        self._finish_unstarted(request, "error", error=f"{type(err).__name__}: {err}")
+
+    def _start(self, requests: list[Request], batch: Prefilled) -> None:
+        """Copy each prefilled request into its slot(s) (n of them) and hand out its first tokens."""
+        now = time.perf_counter()
+        rows = []
+        for i, request in enumerate(requests):
+            t = request.prompt_tokens
+            self.metrics.observe("queue_time", now - request.arrival_clock)
+            with self.metrics.lock:
+                self.metrics.prompt_tokens_total += t
+            with self._cond:
+                slots = self.slots.allocate(request.params.n)
+                self._running_requests += 1
+            for index, slot in enumerate(slots):
+                self.slots.load(slot, batch.state, t, row=i, offset=batch.offsets[i], images=batch.images[i])
+                self.seen[slot] = False
+                self.seen[slot, request.input_ids[0]] = True
+                p = request.params
+                generator = None
+                if p.seed is not None and p.temperature > 0:
+                    generator = torch.Generator(device=self.device).manual_seed(p.seed + index)
+                eos = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_ids)
+                rows.append(Row(request, index, slot, eos, make_deltas(self.tokenizer, p), generator, admitted=now))
+        for row in rows:
+            self._rows[row.slot] = row
+        logits = batch.logits[torch.tensor([requests.index(row.request) for row in rows], device=self.device)]
+        self._emit(rows, logits)
 
     @torch.inference_mode()
     def _decode(self) -> None:

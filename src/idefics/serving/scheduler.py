@@ -1,9 +1,9 @@
 """Admission: a bounded FIFO of waiting requests, admitted between decode steps within a prefill token budget.
 
-The engine decodes its running rows first, then asks for the next requests to prefill: in arrival order, while
-their choices fit the free slots and their prompts fit the step's remaining token budget (the first request of a
-step is admitted even when its prompt alone exceeds the budget, so a long prompt cannot starve). A request never
-overtakes an earlier one. The caller holds the engine's lock.
+The engine decodes its running rows first, then takes the requests to prefill together: in arrival order, while
+their choices fit the free slots and the batch's padded prompt positions fit the prefill token budget (the first
+request of a step is admitted even when its prompt alone exceeds the budget, so a long prompt cannot starve). A
+request never overtakes an earlier one. The caller holds the engine's lock.
 """
 
 from __future__ import annotations
@@ -36,11 +36,17 @@ class Scheduler:
             return False
         return True
 
-    def next(self, *, free_slots: int, budget_left: int, first: bool) -> Request | None:
-        """The next request to prefill now, or None when the head does not fit the slots or the budget."""
-        if not self.waiting:
-            return None
-        head = self.waiting[0]
-        if head.params.n > free_slots or (not first and head.prompt_tokens > budget_left):
-            return None
-        return self.waiting.popleft()
+    def admit(self, *, free_slots: int, cost) -> list[Request]:
+        """The requests to prefill now, in arrival order: while their choices fit the free slots and `cost` (the
+        positions a batch of these prompt lengths costs) stays within the budget. The head is always taken when its
+        choices fit, so a long prompt cannot starve."""
+        batch: list[Request] = []
+        while self.waiting:
+            head = self.waiting[0]
+            if head.params.n > free_slots:
+                break
+            if batch and cost([r.prompt_tokens for r in batch] + [head.prompt_tokens]) > self.prefill_token_budget:
+                break
+            batch.append(self.waiting.popleft())
+            free_slots -= head.params.n
+        return batch

@@ -3,8 +3,8 @@
 Per decoder layer, self-attention keys and values live in one (slots, h, S, hd) buffer per K and V; each slot has its
 own length, and its new token is written at its own position (no left padding between requests). Per gated layer,
 a slot's image keys and values live in (slots, h, N*s, hd) buffers (N = the most images a request may carry, s image
-tokens per image), with a mask over those N*s tokens and a gate that is off when the slot's tokens see no image. A
-request's prefill runs on its own (batch 1) and is copied into the slot(s) it was given.
+tokens per image), with a mask over those N*s tokens and a gate that is off when the slot's tokens see no image. The
+requests admitted together are prefilled as one batch (prefill.py); each row is copied into the slot(s) it was given.
 
 Legend: B decode rows (slots 0..B-1), S positions per slot, T positions attended this step, M image tokens attended
 (N*s at most), h heads, hd head width, v vocabulary.
@@ -66,23 +66,27 @@ class SlotCache:
 
     # -- writes ----------------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def load(self, slot: int, state: DecodeState, length: int) -> None:
-        """Copy a batch-1 prefill's cache (its `length` positions, its image K/V and last image mask) into `slot`."""
+    def load(self, slot: int, state: DecodeState, length: int, *, row: int = 0, offset: int = 0,
+             images: int | None = None) -> None:  # fmt: skip
+        """Copy row `row` of a prefill's cache into `slot`: its `length` positions (from `offset`, after its left
+        padding), its first `images` images' K/V (default: all) and the image mask of its last token."""
         kv = state.cache.kv
         for dst_k, dst_v, src_k, src_v in zip(self.k, self.v, kv.k, kv.v, strict=True):
-            dst_k[slot, :, :length] = src_k[0, :, :length]
-            dst_v[slot, :, :length] = src_v[0, :, :length]
-        images = 0
+            dst_k[slot, :, :length] = src_k[row, :, offset : offset + length]
+            dst_v[slot, :, :length] = src_v[row, :, offset : offset + length]
         self.image_mask[slot] = False
         self.gate[slot] = False
-        if state.cache.image_kv is not None:
+        if state.cache.image_kv is None:
+            images = 0
+        elif images is None:
             images = state.cache.image_hidden_states.shape[1]
+        if images:
             m = images * self.image_tokens
             for dst_k, dst_v, (src_k, src_v) in zip(self.image_k, self.image_v, state.cache.image_kv, strict=True):
-                dst_k[slot, :, :m] = src_k[0]
-                dst_v[slot, :, :m] = src_v[0]
-            self.image_mask[slot, :m] = state.cross_mask[0, 0, 0]
-            self.gate[slot] = state.gate[0, 0]
+                dst_k[slot, :, :m] = src_k[row, :, :m]
+                dst_v[slot, :, :m] = src_v[row, :, :m]
+            self.image_mask[slot, :m] = state.cross_mask[row, 0, 0, :m]
+            self.gate[slot] = state.gate[row, 0]
         self.lengths[slot], self.images[slot] = length, images
 
     @property

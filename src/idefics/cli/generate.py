@@ -46,11 +46,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--dtype", choices=["auto", *DTYPES], help="default: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on GPU)")
-    p.add_argument(
-        "--quantize", choices=["int8", "int4", "nf4"],
-        help="quantise the Linear weights while loading (int8: the fast CPU path; int4: group-wise; nf4: QLoRA's)",
-    )  # fmt: skip
-    p.add_argument("--group-size", type=int, default=128, help="int4: input features per scale and zero (default 128)")
+    add_quantize_arguments(p)
     p.add_argument("--json", action="store_true", help="print one JSON object (answer, token counts, timings)")
     p.set_defaults(func=run)
 
@@ -87,6 +83,15 @@ def build_prompt(text: str, images: list[Image.Image], *, raw: bool, processor) 
     if not prompt:
         raise UserError("the prompt is empty")
     return prompt
+
+
+def add_quantize_arguments(p) -> None:
+    """--quantize and --group-size (generate and serve)."""
+    p.add_argument(
+        "--quantize", choices=["int8", "int4", "nf4"],
+        help="quantise the Linear weights while loading (int8: the fast CPU path; int4: group-wise; nf4: QLoRA's)",
+    )  # fmt: skip
+    p.add_argument("--group-size", type=int, default=128, help="int4: input features per scale and zero (default 128)")
 
 
 def load_model(

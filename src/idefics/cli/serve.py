@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from .errors import UserError
-from .generate import DTYPES, device_and_dtype, load_model
+from .generate import DTYPES, add_quantize_arguments, device_and_dtype, load_model
 
 DEMO_MODEL_NAME = "idefics-demo"
 
@@ -40,6 +40,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--dtype", choices=["auto", *DTYPES], help="default: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on GPU)")
+    add_quantize_arguments(p)
     p.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together (decode slots)")
     p.add_argument("--max-model-len", type=int, help="prompt + generated tokens per request (default: the model's)")
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests beyond which new ones get 429")
@@ -93,7 +94,10 @@ def build_engine(args: argparse.Namespace):
     from ..serving import Engine, EngineConfig
 
     device, dtype = device_and_dtype(args)
-    model, processor = load_model(args.model or DEMO_MODEL, adapter=args.adapter, device=device, dtype=dtype)
+    if args.group_size < 1:
+        raise UserError(f"--group-size must be at least 1, got {args.group_size}")
+    model, processor = load_model(args.model or DEMO_MODEL, adapter=args.adapter, device=device, dtype=dtype,
+                                  quantize=args.quantize, group_size=args.group_size)  # fmt: skip
     processor.image_processor.url_policy = UrlPolicy(enabled=False)  # the server loads images itself, checked
     config = EngineConfig(
         max_batch_size=args.max_batch_size,

@@ -2,15 +2,17 @@
 on request), plus the int4 weight memory of idefics-9b and idefics-80b-shaped models and the 80b batch-16 cache.
 
     python benchmarks/quantize.py [--preset bench|wide|deep|tiny] [--threads 2] [--reference]   # CPU
+    python benchmarks/quantize.py --schemes fp32,int8 --float-head                              # head lever
     python benchmarks/quantize.py --preset 9b --device cuda [--compile]                          # a GPU
 
-Every variant gets the same seeded random weights, built directly in its dtype; quantised variants are built in
-`--rest` (bf16 by default: what they keep unquantised, the embeddings, norms and LM head) and quantised layer by
-layer, so a 9b model never exists twice. One model is alive at a time, so the variants run one after another (not
-interleaved): on a busy machine compare runs of the whole script. Decode rates are (N - 1) / (time(N new tokens) -
-time(1 new token)), medians of `--repeat` runs. On the CPU, `--reference` adds transformers' fp32 model on the same
-shape. The memory figures are exact byte counts of models built on the meta device with their Linear layers swapped
-for int4 ones: nothing is materialised, so they run anywhere.
+Every variant gets the same seeded random weights, built directly in its dtype; quantised variants are built in `--rest`
+(bf16 by default: what they keep unquantised, the embeddings and norms; the LM head too with `--float-head`, else it is
+int8 for int8 and int4) and quantised layer by layer, so a 9b model never exists twice. One model is alive at a time, so
+the variants run one after another (not interleaved): on a busy machine compare runs of the whole script. Decode rates
+are (N - 1) / (time(N new tokens) - time(1 new token)), medians of `--repeat` runs. On the CPU, `--reference` adds
+transformers' fp32 model on the same shape. The memory figures are exact byte counts of models built on the meta device
+with their Linear layers swapped for int4 ones (and the head for an int8 one): nothing is materialised, so they run
+anywhere.
 """
 
 from __future__ import annotations
@@ -47,9 +49,11 @@ def default_dtype(dtype: torch.dtype):
 
 
 @torch.no_grad()
-def build(cfg: dict, scheme: str, *, device: str, group_size: int, rest: str = "bf16") -> IdeficsForVisionText2Text:
+def build(
+    cfg: dict, scheme: str, *, device: str, group_size: int, rest: str = "bf16", float_head: bool = False
+) -> IdeficsForVisionText2Text:
     """A model with seeded random weights (norms 1, biases 0) in fp32 or bf16; for a quantisation scheme, built in
-    `rest` (what stays unquantised: embeddings, norms, LM head) and quantised in place."""
+    `rest` (what stays unquantised: embeddings, norms, with `float_head` the LM head) and quantised in place."""
     with default_dtype(DTYPES.get(scheme, DTYPES[rest])), torch.device("meta"):
         model = IdeficsForVisionText2Text(IdeficsConfig.from_dict(cfg))
     model.to_empty(device=device)
@@ -62,7 +66,7 @@ def build(cfg: dict, scheme: str, *, device: str, group_size: int, rest: str = "
         if hasattr(module, "reset_buffers"):
             module.reset_buffers(device)
     if scheme not in DTYPES:
-        quantize_model(model, QuantizationConfig(scheme, group_size=group_size))
+        quantize_model(model, QuantizationConfig(scheme, group_size=group_size, lm_head=False if float_head else None))
     return model.eval()
 
 
@@ -75,7 +79,7 @@ def largest_group_size(cfg: dict) -> int:
 
 
 def int4_memory(cfg: dict, *, group_size: int) -> int:
-    """Bytes of an int4 model of this shape (bf16 embeddings, norms and LM head), counted on the meta device."""
+    """Bytes of an int4 model of this shape (bf16 embeddings and norms, int8 LM head), counted on the meta device."""
     with default_dtype(torch.bfloat16), torch.device("meta"):
         model = IdeficsForVisionText2Text(IdeficsConfig.from_dict(cfg))
     quantize_model(model, QuantizationConfig("int4", group_size=group_size), device="cuda")  # the target device
@@ -111,7 +115,8 @@ def main() -> None:
                         "on the CPU, bf16,int8,int4 on a GPU)")  # fmt: skip
     parser.add_argument("--group-size", type=int, help="int4 group size (default: the largest that fits the preset)")
     parser.add_argument("--rest", choices=list(DTYPES), default="bf16", help="dtype of what quantised models keep "
-                        "unquantised (embeddings, norms, the LM head); default bf16")  # fmt: skip
+                        "unquantised (embeddings, norms); default bf16")  # fmt: skip
+    parser.add_argument("--float-head", action="store_true", help="keep the LM head in --rest rather than int8")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--prompt", type=int, default=64)
@@ -138,7 +143,8 @@ def main() -> None:
             model = transformers.IdeficsForVisionText2Text(transformers.IdeficsConfig(**cfg)).eval()
             randomize_(model)
         else:
-            model = build(cfg, name, device=args.device, group_size=group_size, rest=args.rest)
+            model = build(cfg, name, device=args.device, group_size=group_size, rest=args.rest,
+                          float_head=args.float_head)  # fmt: skip
         memory[name] = weight_bytes(model)
         results[name] = {}
         dtype = (

@@ -94,3 +94,8 @@ def test_errors(finetune_env, tmp_path):
     assert isinstance(model.model.layers[0].self_attn.q_proj, Nf4Linear)
     with pytest.raises(QuantizationError, match="merge=True folds an adapter into full-precision weights"):
         IdeficsForVisionText2Text.from_pretrained(model_dir, quantize="nf4", adapter=tmp_path, merge=True)
+    int8 = IdeficsForVisionText2Text.from_pretrained(model_dir, quantize="int8")  # its LM head is int8 too
+    for config in (LoraConfig(r=2, target_modules=["lm_head"]),
+                   LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"])):  # fmt: skip
+        with pytest.raises(ValueError, match="'lm_head' is an int8-quantised LM head: LoRA cannot wrap it"):
+            int8.add_adapter(config)

@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from idefics.quantization import Int4Linear, Int8Linear, Nf4Linear, QuantizationConfig, QuantizationError
+from idefics.modeling.embeddings import IdeficsDecoupledLinear
+from idefics.quantization import Int4Linear, Int8Head, Int8Linear, Nf4Linear, QuantizationConfig, QuantizationError
 from idefics.quantization.kernels import int4_pack, int4_unpack, nf4_code, pack_nibbles, unpack_nibbles
 from idefics.quantization.swap import check_device
 
@@ -111,3 +112,22 @@ def test_errors():
         check_device(QuantizationConfig("int8"), "mps")
     with pytest.raises(QuantizationError, match="only checkpoints quantised by idefics"):
         QuantizationConfig.from_dict({"quant_method": "bitsandbytes", "load_in_4bit": True})
+
+
+def test_int8_head_close_to_the_decoupled_head():
+    """The vocabulary rows in int8 (cosine >= 0.9999 per row of logits), the 2 additional rows in full precision."""
+    torch.manual_seed(0)
+    head = IdeficsDecoupledLinear(64, 1000, 2, frozen=True)
+    with torch.no_grad():
+        head.weight.normal_(0, 0.02)
+        head.additional_fc.weight.normal_(0, 0.02)
+    quantised = Int8Head.from_head(head)
+    assert quantised.additional_fc is head.additional_fc and quantised.weight.dtype == torch.int8
+    x = torch.randn(3, 5, 64)
+    with torch.no_grad():
+        expected, got = head(x), quantised(x)  # (3, 5, 1002)
+    assert got.shape == expected.shape and got.dtype == x.dtype
+    cosine = torch.nn.functional.cosine_similarity(got[..., :1000], expected[..., :1000], dim=-1)
+    assert cosine.min() >= 0.9999
+    torch.testing.assert_close(got[..., 1000:], expected[..., 1000:], atol=1e-6, rtol=1e-5)  # full precision
+    assert set(quantised.state_dict()) == {"weight", "weight_scale", "additional_fc.weight"}

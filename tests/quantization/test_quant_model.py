@@ -12,7 +12,20 @@ import idefics
 from idefics import IdeficsForVisionText2Text, IdeficsProcessor
 from idefics.demo.build import EVAL_SIZES
 from idefics.demo.evaluate import accuracy
-from idefics.quantization import Int4Linear, Int8Linear, Nf4Linear, QuantizationError, QuantizedLinear, weight_bytes
+from idefics.modeling.embeddings import IdeficsDecoupledLinear
+from idefics.modeling.layout import fused_weight, use_decode_layout
+from idefics.quantization import (
+    Int4Linear,
+    Int8Head,
+    Int8Linear,
+    Int8Pack,
+    Nf4Linear,
+    QuantizationConfig,
+    QuantizationError,
+    QuantizedLinear,
+    weight_bytes,
+)
+from idefics.serving.slots import SlotCache
 
 NAME = "resampler_qk_interval2"  # resampler with q/k norms, gated layers every 2nd decoder layer, 2 extra tokens
 # Every Linear's in features a multiple of 32 and its out features of 16, so int4 runs its kernel on every layer.
@@ -66,7 +79,8 @@ def closeness(reference: torch.Tensor, other: torch.Tensor, mask: torch.Tensor) 
 @pytest.mark.parametrize("scheme", LAYERS)
 def test_quantised_logits_close_to_full_precision(scheme, wide_checkpoint, batch, full_logits):
     model = IdeficsForVisionText2Text.from_pretrained(wide_checkpoint, quantize=scheme, group_size=32)
-    quantised = [name for name, m in model.named_modules() if isinstance(m, QuantizedLinear)]
+    quantised = [name for name, m in model.named_modules() if isinstance(m, QuantizedLinear) and name != "lm_head"]
+    assert type(model.lm_head) is (IdeficsDecoupledLinear if scheme == "nf4" else Int8Head)  # int8 unless for QLoRA
     assert all(isinstance(model.get_submodule(name), LAYERS[scheme]) for name in quantised)
     assert set(EXAMPLES) <= set(quantised)
     assert type(model.lm_head.additional_fc) is torch.nn.Linear  # the 2-row head stays full precision
@@ -127,3 +141,43 @@ def test_demo_model_keeps_its_accuracy(scheme, group_size, least):
     result = accuracy(model, processor, count=96, seed=2024, sizes=EVAL_SIZES, batch_size=48)
     print(f"demo {scheme}: {result.value:.3f} ({result.mistakes[:3]})")
     assert result.value >= least
+
+
+def test_int8_groups_run_packed_with_the_same_values(wide_checkpoint, batch, tmp_path):
+    """q/k/v and gate/up become one int8 kernel call each for decoding; the layers' tensors become views of it."""
+    model = IdeficsForVisionText2Text.from_pretrained(wide_checkpoint, quantize="int8")
+    before = logits(model, batch)
+    state = {key: t.clone() for key, t in model.state_dict().items()}
+    assert use_decode_layout(model)
+    attn, mlp = model.model.layers[0].self_attn, model.model.gated_cross_attn_layers[0].mlp
+    assert isinstance(attn.qkv_packed, Int8Pack) and isinstance(mlp.gate_up_packed, Int8Pack)
+    assert attn.k_proj.weight.data_ptr() == attn.qkv_packed.weight[attn.q_proj.out_features :].data_ptr()
+    assert fused_weight(attn.qkv_packed, attn.q_proj, attn.k_proj, attn.v_proj) is None  # gradients on: unpacked
+    with torch.no_grad():
+        assert fused_weight(attn.qkv_packed, attn.q_proj, attn.k_proj, attn.v_proj) is attn.qkv_packed
+    torch.testing.assert_close(logits(model, batch), before, atol=1e-5, rtol=1e-5)
+    assert all(torch.equal(t, state[key]) for key, t in model.state_dict().items())
+    model.save_pretrained(tmp_path, max_shard_size="100KB")
+    assert torch.equal(logits(IdeficsForVisionText2Text.from_pretrained(tmp_path), batch), logits(model, batch))
+
+
+def test_quantised_checkpoint_from_before_int8_heads_keeps_its_head(wide_checkpoint, batch, tmp_path):
+    """A `quantization_config` without `lm_head` (written before the head was quantised) loads a float head."""
+    config = QuantizationConfig("int8", lm_head=False)
+    model = IdeficsForVisionText2Text.from_pretrained(wide_checkpoint, quantize=config)
+    assert type(model.lm_head) is IdeficsDecoupledLinear
+    model.save_pretrained(tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    assert raw["quantization_config"].pop("lm_head") is False
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    loaded = IdeficsForVisionText2Text.from_pretrained(tmp_path)
+    assert type(loaded.lm_head) is IdeficsDecoupledLinear and loaded.quantization_config == config
+    assert torch.equal(logits(loaded, batch), logits(model, batch))
+
+
+def test_serving_cache_takes_the_activation_dtype_of_an_int8_headed_model(wide_checkpoint):
+    """The int8 head's `weight` is int8: the serving slot cache must take the activations' dtype (`model.dtype`)."""
+    model = IdeficsForVisionText2Text.from_pretrained(wide_checkpoint, quantize="int8")
+    assert model.lm_head.weight.dtype == torch.int8
+    cache = SlotCache(model, num_slots=1, max_len=8, max_images=1)
+    assert cache.k[0].dtype == cache.image_k[0].dtype == model.dtype

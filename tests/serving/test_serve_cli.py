@@ -27,3 +27,18 @@ def test_bad_group_size_is_a_user_error():
     args = build_parser().parse_args(["serve", "--quantize", "int4", "--group-size", "0"])
     with pytest.raises(UserError, match="--group-size must be at least 1"):
         build_engine(args)
+
+
+def test_cache_memory_sizes_the_slots():
+    args = build_parser().parse_args(["serve", "--max-batch-size", "8", "--max-model-len", "256"])
+    engine, _ = build_engine(args)
+    per_slot = engine.slots.nbytes / engine.slots.num_slots
+    budget_gib = 3.5 * per_slot / 2**30  # room for three slots and a half
+    args = build_parser().parse_args(["serve", "--max-batch-size", "8", "--max-model-len", "256",
+                                      "--cache-memory", str(budget_gib)])  # fmt: skip
+    engine, _ = build_engine(args)
+    assert engine.slots.num_slots == 3 and engine.stats()["slots_total"] == 3
+    assert engine.slots.nbytes <= budget_gib * 2**30
+    args.cache_memory = budget_gib / 4
+    with pytest.raises(UserError, match="holds no slot: one takes"):
+        build_engine(args)

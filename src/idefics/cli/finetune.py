@@ -109,5 +109,5 @@ def run_finetune(args: argparse.Namespace) -> int:
     if result.stopped:
         print(f"stopped at step {result.step}; resume with --resume (checkpoint: {result.checkpoint})")
     else:
-        print(f"done: {result.step} steps; wrote {result.output}")
+        print(f"done: {result.step} step{'' if result.step == 1 else 's'}; wrote {result.output}")
     return 0

@@ -42,6 +42,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on GPU)")
     add_quantize_arguments(p)
     p.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together (decode slots)")
+    p.add_argument("--cache-memory", type=float, metavar="GIB",
+                   help="memory for the K/V cache: as many slots as fit, at most --max-batch-size")  # fmt: skip
     p.add_argument("--max-model-len", type=int, help="prompt + generated tokens per request (default: the model's)")
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests beyond which new ones get 429")
     p.add_argument("--max-images-per-request", type=int, default=4)
@@ -60,7 +62,7 @@ def add_parser(subparsers) -> None:
 
 def check_args(args: argparse.Namespace) -> None:
     positive = ["max_batch_size", "max_queue", "max_images_per_request", "max_image_bytes", "max_image_pixels",
-                "max_request_bytes", "max_model_len", "request_timeout"]  # fmt: skip
+                "max_request_bytes", "max_model_len", "request_timeout", "cache_memory"]  # fmt: skip
     for name in positive:
         value = getattr(args, name)
         if value is not None and value <= 0:
@@ -99,16 +101,17 @@ def build_engine(args: argparse.Namespace):
     model, processor = load_model(args.model or DEMO_MODEL, adapter=args.adapter, device=device, dtype=dtype,
                                   quantize=args.quantize, group_size=args.group_size)  # fmt: skip
     processor.image_processor.url_policy = UrlPolicy(enabled=False)  # the server loads images itself, checked
-    config = EngineConfig(
-        max_batch_size=args.max_batch_size,
-        max_model_len=args.max_model_len,
-        max_queue=args.max_queue,
-        max_images_per_request=args.max_images_per_request,
-        compile=args.compile,
-    )
     try:
+        config = EngineConfig(
+            max_batch_size=args.max_batch_size,
+            cache_memory=max(1, int(args.cache_memory * 2**30)) if args.cache_memory is not None else None,
+            max_model_len=args.max_model_len,
+            max_queue=args.max_queue,
+            max_images_per_request=args.max_images_per_request,
+            compile=args.compile,
+        )
         return Engine(model, processor, config), processor
-    except ValueError as err:  # e.g. --max-model-len beyond the model's positions
+    except ValueError as err:  # e.g. --max-model-len beyond the model's positions, a cache too small for one slot
         raise UserError(str(err)) from None
 
 

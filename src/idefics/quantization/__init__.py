@@ -9,8 +9,9 @@ per scheme, `kernels.py` the PyTorch kernels and weight layouts, `swap.py` which
 """
 
 from .config import SCHEMES, QuantizationConfig, QuantizationError
+from .head import Int8Head
 from .int4 import Int4Linear
-from .int8 import Int8Linear
+from .int8 import Int8Linear, Int8Pack
 from .linear import QuantizedLinear
 from .nf4 import Nf4Linear
 from .swap import quantizable, quantize_model, weight_bytes
@@ -18,7 +19,9 @@ from .swap import quantizable, quantize_model, weight_bytes
 __all__ = [
     "SCHEMES",
     "Int4Linear",
+    "Int8Head",
     "Int8Linear",
+    "Int8Pack",
     "Nf4Linear",
     "QuantizationConfig",
     "QuantizationError",

@@ -1,9 +1,9 @@
 """Swap a model's Linear layers for quantised ones: `quantize_model`, and the rules of which layers and where.
 
 Quantised: every nn.Linear of the decoder, the gated cross-attention layers, the perceiver resampler and the vision
-tower. Kept in full precision: embeddings, norms, the 2-row `additional_fc`, and the LM head, which is not an
-nn.Linear here (`IdeficsDecoupledLinear`): its logits decide every token, it may share its rows with the embedding,
-and on idefics-9b it is 2% of the weights a decode step reads.
+tower, by the config's scheme; and the LM head's vocabulary rows in int8 (`head.py`; with int8 and int4 unless
+`lm_head=False`, never when the head is tied to the embedding). Kept in full precision: embeddings, norms and the
+2-row `additional_fc`.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .config import QuantizationConfig, QuantizationError
+from .head import Int8Head
 from .int4 import Int4Linear
 from .int8 import Int8Linear
 from .kernels import INT4_GROUP_SIZES
@@ -57,7 +58,8 @@ def quantize_model(
     On the meta device the new layers are empty (a loader fills them); otherwise each weight is quantised on its
     device as its layer is swapped, so at most one layer exists in both precisions at a time. QuantizationError
     names the first layer `config` does not fit (an int4 group size that does not divide its in features) and
-    refuses a device the scheme cannot run on.
+    refuses a device the scheme cannot run on. With `config.lm_head` the LM head (`model.lm_head`) becomes an
+    `Int8Head`, unless it shares its rows with the embedding table.
     """
     check_device(config, device or next(model.parameters()).device)
     if any(type(m).__name__ == "LoraLinear" for m in model.modules()):
@@ -77,7 +79,16 @@ def quantize_model(
         parent, _, child = name.rpartition(".")
         holder = model.get_submodule(parent)
         setattr(holder, child, cls.from_linear(getattr(holder, child), **options))
+    head = getattr(model, "lm_head", None)
+    if config.lm_head and head is not None and not isinstance(head, QuantizedLinear) and not _tied(model, head):
+        model.lm_head = Int8Head.from_head(head)
+        names.append("lm_head")
     return names
+
+
+def _tied(model: nn.Module, head: nn.Module) -> bool:
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return embeddings is not None and embeddings.weight is head.weight
 
 
 def finish_loading(model: nn.Module) -> None:

@@ -45,6 +45,8 @@ class EngineConfig:
     max_queue: int = 64  # waiting requests beyond which submit raises EngineOverloaded
     max_images_per_request: int = 4  # image slots per request (the image K/V buffers' size)
     prefill_token_budget: int = 2048  # prompt tokens prefilled between two decode steps
+    # bytes the slot cache may take; with it, the slots are as many as fit (at most max_batch_size)
+    cache_memory: int | None = None
     # True: fixed-shape steps, torch.compile'd, each bucket captured as a CUDA graph on CUDA; "auto": on CUDA the
     # fixed-shape steps as CUDA graphs without torch.compile, on CPU eager (the default there, by measurement)
     compile: bool | str = False
@@ -57,6 +59,9 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.max_images_per_request must be >= 0, got {self.max_images_per_request!r}")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
             raise ValueError(f"EngineConfig.max_model_len must be an integer >= 2 or None, got {self.max_model_len!r}")
+        if self.cache_memory is not None and (not isinstance(self.cache_memory, int) or self.cache_memory < 1):
+            raise ValueError(f"EngineConfig.cache_memory must be a number of bytes >= 1 or None, got "
+                             f"{self.cache_memory!r}")  # fmt: skip
         if self.compile not in (True, False, "auto"):
             raise ValueError(f"EngineConfig.compile must be True, False or 'auto', got {self.compile!r}")
 
@@ -74,13 +79,24 @@ class Engine:
         if config.max_model_len is not None and config.max_model_len > limit:
             raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's {limit} positions")
         self.max_model_len = config.max_model_len or limit
-        self.device = model.lm_head.weight.device
+        self.device = model.device
         self.vocab_size = c.vocab_size + c.additional_vocab_size
         eos = c.eos_token_id
         self.eos_ids = set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
-        self.slots = SlotCache(model, num_slots=config.max_batch_size, max_len=self.max_model_len,
+        num_slots = config.max_batch_size
+        if config.cache_memory is not None:
+            per_slot = SlotCache.bytes_per_slot(model, max_len=self.max_model_len,
+                                                max_images=config.max_images_per_request)  # fmt: skip
+            num_slots = min(num_slots, config.cache_memory // per_slot)
+            if num_slots < 1:
+                raise ValueError(
+                    f"cache_memory {config.cache_memory} bytes holds no slot: one takes {per_slot} bytes "
+                    f"({self.max_model_len} positions, {config.max_images_per_request} images); lower "
+                    "max_model_len or max_images_per_request, or give more memory"
+                )
+        self.slots = SlotCache(model, num_slots=num_slots, max_len=self.max_model_len,
                                max_images=config.max_images_per_request)  # fmt: skip
-        self.seen = torch.zeros(config.max_batch_size, self.vocab_size, dtype=torch.bool, device=self.device)
+        self.seen = torch.zeros(num_slots, self.vocab_size, dtype=torch.bool, device=self.device)
         self.generator = torch.Generator(device=self.device)
         self.generator.seed()
         self.static = config.compile is True or (config.compile == "auto" and self.device.type == "cuda")
@@ -142,8 +158,8 @@ class Engine:
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
-        if params.n > self.config.max_batch_size:
-            raise ValueError(f"SamplingParams.n is {params.n} but the engine has {self.config.max_batch_size} slots")
+        if params.n > self.slots.num_slots:
+            raise ValueError(f"SamplingParams.n is {params.n} but the engine has {self.slots.num_slots} slots")
         inputs = encode_prompt(prompt, self.processor, vocab_size=self.vocab_size, device=self.device)
         if inputs.num_images > self.config.max_images_per_request:
             raise ValueError(f"the prompt has {inputs.num_images} images; this engine takes at most "
@@ -302,7 +318,7 @@ class Engine:
 
     def _static_step(self, b: int, length: int):
         """The fixed-shape step for b rows: batch and length rounded up to their buckets (built once each)."""
-        n = self.config.max_batch_size
+        n = self.slots.num_slots
         bucket = min(n, 1 << (b - 1).bit_length())
         span = min(self.max_model_len, -(-length // LENGTH_BUCKET) * LENGTH_BUCKET)
         key = (bucket, span)

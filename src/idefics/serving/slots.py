@@ -31,7 +31,7 @@ class SlotCache:
 
     def __init__(self, model, *, num_slots: int, max_len: int, max_images: int):
         c = model.config
-        dtype, device = model.lm_head.weight.dtype, model.lm_head.weight.device
+        dtype, device = model.dtype, model.device  # the activations' (embeddings') dtype; an int8 LM head's is int8
         h, hd = c.num_attention_heads, c.head_dim
         self.num_slots, self.max_len, self.max_images = num_slots, max_len, max_images
         self.image_tokens = image_tokens_per_image(c)  # s
@@ -48,6 +48,15 @@ class SlotCache:
         self.lengths = [0] * num_slots  # host copy of the filled positions per slot
         self.images = [0] * num_slots  # images per slot (host)
         self._free = list(range(num_slots))  # a heap: the lowest free slots are used first, keeping B small
+
+    @staticmethod
+    def bytes_per_slot(model, *, max_len: int, max_images: int) -> int:
+        """What one slot's buffers take: self-attention K/V for `max_len` positions in every decoder layer and image
+        K/V for `max_images` images in every gated layer (plus its image mask)."""
+        c = model.config
+        width = c.num_attention_heads * c.head_dim * model.dtype.itemsize  # bytes per position per K
+        m = max_images * image_tokens_per_image(c)
+        return 2 * width * (c.num_hidden_layers * max_len + c.num_cross_layers * m) + m
 
     # -- allocation ------------------------------------------------------------------------------------------------
     @property

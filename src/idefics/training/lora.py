@@ -37,7 +37,7 @@ from torch import nn
 
 from ..loading import CheckpointError, resolve_pretrained_dir
 from ..modeling.layout import dense, project
-from ..quantization import QuantizedLinear
+from ..quantization import Int8Head, QuantizedLinear
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -319,6 +319,12 @@ def add_adapter(model: nn.Module, config: LoraConfig) -> None:
         config = dataclasses.replace(config, base_model_name_or_path=model.name_or_path)
     targets = _targets(model, config)
     saved = _saved_parameters(model, config)
+    for name, module in model.named_modules():
+        if isinstance(module, Int8Head) and (name in targets or any(p.startswith(name + ".") for p in saved)):
+            raise ValueError(
+                f"{name!r} is an int8-quantised LM head: LoRA cannot wrap it and modules_to_save cannot train it; "
+                "load with quantize=QuantizationConfig(..., lm_head=False) to keep the head in full precision"
+            )
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     model.requires_grad_(False)
     for name in targets:

@@ -19,7 +19,8 @@ SUBCOMMANDS = ("generate", "finetune", "eval", "serve")
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="idefics", description="IDEFICS vision-language models: answer questions about images, fine-tune."
+        prog="idefics",
+        description="IDEFICS vision-language models: answer questions about images, fine-tune, evaluate, serve.",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="{" + ",".join(SUBCOMMANDS) + "}", required=True)
     for name in SUBCOMMANDS:

@@ -91,16 +91,23 @@ def fetch_image(url: str, *, policy: UrlPolicy) -> Image.Image:
 
 def decode_data_url(url: str, *, max_bytes: int) -> Image.Image:
     """Decode a `data:image/...;base64,...` URL, as chat clients send inline images."""
+    return decode_image(data_url_bytes(url, max_bytes=max_bytes), source=f"data URL {url[:40]!r}...")
+
+
+def data_url_bytes(url: str, *, max_bytes: int) -> bytes:
+    """The bytes of a base64 `data:` URL, refused over `max_bytes` (the decoder then decides whether they are an
+    image, whatever media type the URL claims)."""
     header, sep, payload = url.partition(",")
-    if not (sep and header.startswith("data:image/") and header.endswith(";base64")):
-        raise ValueError(f"expected a base64 image data URL ('data:image/...;base64,...'), got {url[:60]!r}...")
-    if len(payload) * 3 // 4 > max_bytes:
+    if not (sep and header.lower().startswith("data:") and header.lower().endswith(";base64")):
+        raise ValueError(
+            f"{url[:60]!r}... is not base64: expected a base64 image data URL ('data:image/...;base64,...')"
+        )
+    if len(payload) // 4 * 3 > max_bytes:
         raise ValueError(f"data URL {url[:40]!r}... is over the limit of {max_bytes} bytes")
     try:
-        data = base64.b64decode(payload, validate=True)
+        return base64.b64decode(payload, validate=True)
     except binascii.Error as err:
         raise ValueError(f"data URL {url[:40]!r}... is not valid base64: {err}") from err
-    return decode_image(data, source=f"data URL {url[:40]!r}...")
 
 
 def decode_image(data: bytes, *, source: str, max_pixels: int | None = None) -> Image.Image:

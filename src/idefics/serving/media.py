@@ -15,8 +15,6 @@ Every failure is a `MediaError` (a `ValueError`) whose message says which URL an
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import ipaddress
 import socket
 import urllib.parse
@@ -26,7 +24,7 @@ from pathlib import Path
 import httpx
 from PIL import Image
 
-from ..processing.fetch import ACCEPTED_CONTENT_TYPES, decode_image
+from ..processing.fetch import ACCEPTED_CONTENT_TYPES, data_url_bytes, decode_image
 
 REDIRECT_STATUSES = (301, 302, 303, 307, 308)
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -69,7 +67,10 @@ async def load_image(url: str, *, policy: MediaPolicy) -> Image.Image:
         raise MediaError(f"expected an image URL string, got {url!r}")
     scheme = url.split(":", 1)[0].lower() if ":" in url else ""
     if scheme == "data":
-        data = decode_data_url(url, max_bytes=policy.max_bytes)
+        try:
+            data = data_url_bytes(url, max_bytes=policy.max_bytes)
+        except ValueError as err:
+            raise MediaError(str(err)) from None
     elif scheme in ("http", "https"):
         if not policy.allow_remote:
             raise MediaError(f"image URL {short(url)} is remote; this server only accepts data: URLs (start it with"
@@ -86,19 +87,6 @@ async def load_image(url: str, *, policy: MediaPolicy) -> Image.Image:
         return await asyncio.to_thread(decode_image, data, source=f"image {short(url)}", max_pixels=policy.max_pixels)
     except ValueError as err:
         raise MediaError(str(err)) from None
-
-
-def decode_data_url(url: str, *, max_bytes: int) -> bytes:
-    """The bytes of a base64 `data:` URL (any media type: the decoder decides whether it is an image)."""
-    header, sep, payload = url.partition(",")
-    if not sep or not header.lower().endswith(";base64"):
-        raise MediaError(f"data URL {short(url, 40)} is not base64 ('data:image/png;base64,...')")
-    if len(payload) // 4 * 3 > max_bytes:
-        raise MediaError(f"data URL {short(url, 40)} is over the limit of {max_bytes} bytes")
-    try:
-        return base64.b64decode(payload, validate=True)
-    except binascii.Error as err:
-        raise MediaError(f"data URL {short(url, 40)} is not valid base64: {err}") from None
 
 
 def read_local_file(url: str, *, policy: MediaPolicy) -> bytes:

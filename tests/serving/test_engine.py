@@ -201,6 +201,16 @@ def test_cancel_frees_the_slot_and_leaves_others(tiny):
     assert engine.stats()["finished_total"]["cancelled"] == 2 and engine.stats()["slots_used"] == 0
 
 
+def test_no_max_tokens_generates_what_the_positions_leave(tiny):
+    engine = Engine(tiny, None, EngineConfig(max_batch_size=1, max_model_len=40))
+    (done,) = drive(engine, {0: [("x", list(range(3, 33)), SamplingParams(max_tokens=None, ignore_eos=True))]})[
+        "x"
+    ].result()
+    assert done.completion_tokens == 10 and done.finish_reason == "length"
+    with pytest.raises(ContextLengthError, match="you asked for 41 tokens \\(40 in the prompt, 1 to generate\\)"):
+        engine.submit(list(range(3, 43)), SamplingParams(max_tokens=None))
+
+
 def test_full_queue_and_over_long_requests_are_refused(tiny):
     engine = Engine(tiny, None, EngineConfig(max_batch_size=1, max_queue=2, max_model_len=40, max_images_per_request=2))
     engine.submit([5, 6, 7], SamplingParams(max_tokens=3))

@@ -57,7 +57,6 @@ from .protocol import (
 )
 
 STATIC = Path(__file__).parent / "static"
-UNLIMITED_TOKENS = 2**31 - 1  # max_tokens when a request sets none: the engine's ContextLengthError says what fits
 
 
 @dataclass
@@ -188,29 +187,17 @@ def create_app(engine, *, config: ServerConfig) -> FastAPI:
 
     async def submit(prompt, body: SamplingRequest, *, logprobs: int | None, param: str):
         """`engine.submit` in a worker thread, its errors as HTTP statuses. Without max_tokens, whatever fits."""
-        max_tokens = body.max_tokens or UNLIMITED_TOKENS
-        for _ in range(2):
-            try:
-                params = SamplingParams(**body.sampling_kwargs(max_tokens=max_tokens, logprobs=logprobs,
-                                                               eos_ids=config.eos_token_ids))  # fmt: skip
-                return await run_in_threadpool(engine.submit, prompt, params)
-            except ContextLengthError as err:
-                message = str(err)
-                if body.max_tokens is None:
-                    if err.prompt_tokens < err.max_model_len:
-                        max_tokens = err.max_model_len - err.prompt_tokens
-                        continue
-                    message = (f"this model's maximum context length is {err.max_model_len} tokens, you asked for "
-                               f"{err.prompt_tokens + 1} tokens ({err.prompt_tokens} in the prompt, at least 1 to "
-                               "generate)")  # fmt: skip
-                raise ApiError(400, message, param=param, code="context_length_exceeded") from None
-            except EngineOverloaded as err:
-                raise ApiError(429, f"the server is overloaded, try again later ({err})") from None
-            except EngineDraining:
-                raise ApiError(503, "the server is shutting down; try another replica") from None
-            except (ValueError, TypeError) as err:
-                raise ApiError(400, str(err), param=param) from None
-        raise AssertionError("unreachable: the second try fits or raises")
+        try:
+            params = SamplingParams(**body.sampling_kwargs(logprobs=logprobs, eos_ids=config.eos_token_ids))
+            return await run_in_threadpool(engine.submit, prompt, params)
+        except ContextLengthError as err:
+            raise ApiError(400, str(err), param=param, code="context_length_exceeded") from None
+        except EngineOverloaded as err:
+            raise ApiError(429, f"the server is overloaded, try again later ({err})") from None
+        except EngineDraining:
+            raise ApiError(503, "the server is shutting down; try another replica") from None
+        except (ValueError, TypeError) as err:
+            raise ApiError(400, str(err), param=param) from None
 
     async def events(stream, request: Request) -> AsyncIterator[TokenEvent | FinishEvent]:
         """The stream's events until all choices finished; cancels it when the client leaves or time runs out."""

@@ -14,6 +14,7 @@ graph per bucket on CUDA (`compile="auto"` captures the eager fixed-shape step t
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import sys
 import threading
@@ -165,8 +166,12 @@ class Engine:
             raise ValueError(f"the prompt has {inputs.num_images} images; this engine takes at most "
                              f"{self.config.max_images_per_request} per request")  # fmt: skip
         t = inputs.input_ids.shape[1]
-        if t + params.max_tokens > self.max_model_len:
-            raise ContextLengthError(max_model_len=self.max_model_len, prompt_tokens=t, max_tokens=params.max_tokens)
+        if t + (params.max_tokens or 1) > self.max_model_len:
+            raise ContextLengthError(
+                max_model_len=self.max_model_len, prompt_tokens=t, max_tokens=params.max_tokens or 1
+            )
+        if params.max_tokens is None:
+            params = dataclasses.replace(params, max_tokens=self.max_model_len - t)
         request_id = request_id if request_id is not None else f"req-{uuid.uuid4().hex[:16]}"
         stream = RequestStream(request_id, t, params.n, self._cancel)
         request = Request(request_id, inputs.input_ids, inputs.image_inputs, inputs.num_images, params, stream)

@@ -28,11 +28,14 @@ class ContextLengthError(ValueError):
         )
 
 
+INT_MAX = 2**63 - 1
+
+
 @dataclass
 class SamplingParams:
     """How one request is decoded; every field is applied per row inside the engine's batched steps."""
 
-    max_tokens: int = 16  # tokens to generate at most
+    max_tokens: int | None = 16  # tokens to generate at most; None: as many as the engine's positions leave
     min_tokens: int = 0  # EOS (and stop_token_ids) are banned until this many tokens were generated
     temperature: float = 1.0  # 0: greedy
     top_p: float = 1.0  # nucleus sampling: keep the likeliest tokens whose probability reaches top_p
@@ -50,8 +53,9 @@ class SamplingParams:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         checks = [
-            ("max_tokens", isinstance(self.max_tokens, int) and self.max_tokens >= 1, "an integer >= 1"),
-            ("min_tokens", isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= self.max_tokens,
+            ("max_tokens", self.max_tokens is None or isinstance(self.max_tokens, int) and self.max_tokens >= 1,
+             "an integer >= 1 or None"),
+            ("min_tokens", isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= (self.max_tokens or INT_MAX),
              "an integer in [0, max_tokens]"),
             ("temperature", _number(self.temperature) and self.temperature >= 0, "a number >= 0"),
             ("top_p", _number(self.top_p) and 0 < self.top_p <= 1, "a number in (0, 1]"),

@@ -90,11 +90,11 @@ class SamplingRequest(Request):
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
-    def sampling_kwargs(self, *, max_tokens: int | None, logprobs: int | None, eos_ids: list[int]) -> dict:
+    def sampling_kwargs(self, *, logprobs: int | None, eos_ids: list[int]) -> dict:
         """Keyword arguments for the engine's `SamplingParams`; `eos_ids` (the chat format's end of turn) are added
         to the request's own `stop_token_ids` unless it asks for `ignore_eos`."""
         return dict(
-            max_tokens=max_tokens if max_tokens is not None else self.max_tokens,
+            max_tokens=self.max_tokens,  # None: as many as the context leaves
             min_tokens=self.min_tokens,
             temperature=self.temperature,
             top_p=self.top_p,

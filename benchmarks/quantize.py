@@ -2,14 +2,17 @@
 on request), plus the int4 weight memory of idefics-9b and idefics-80b-shaped models and the 80b batch-16 cache.
 
     python benchmarks/quantize.py [--preset bench|wide|deep|tiny] [--threads 2] [--reference]   # CPU
+    python benchmarks/quantize.py --schemes fp32,int8 --compile both       # the fast CPU path: int8, compiled
     python benchmarks/quantize.py --schemes fp32,int8 --float-head                              # head lever
     python benchmarks/quantize.py --preset 9b --device cuda [--compile]                          # a GPU
 
 Every variant gets the same seeded random weights, built directly in its dtype; quantised variants are built in `--rest`
-(bf16 by default: what they keep unquantised, the embeddings and norms; the LM head too with `--float-head`, else it is
-int8 for int8 and int4) and quantised layer by layer, so a 9b model never exists twice. One model is alive at a time, so
-the variants run one after another (not interleaved): on a busy machine compare runs of the whole script. Decode rates
-are (N - 1) / (time(N new tokens) - time(1 new token)), medians of `--repeat` runs. On the CPU, `--reference` adds
+(what they keep unquantised: the embeddings and norms, and the LM head too with `--float-head`, else it is int8 for
+int8 and int4; by default fp32 on the CPU, as `from_pretrained(quantize=)` keeps them, bf16 on a GPU) and quantised
+layer by layer, so a 9b model never exists twice. One model is alive at a time, so the variants run one after another
+(not interleaved): on a busy machine compare runs of the whole script. `--compile both` measures each model eager and
+compiled (`generate(compile=True)`, compile time excluded), interleaved round by round. Decode rates are
+(N - 1) / (time(N new tokens) - time(1 new token)), medians of `--repeat` runs. On the CPU, `--reference` adds
 transformers' fp32 model on the same shape. The memory figures are exact byte counts of models built on the meta device
 with their Linear layers swapped for int4 ones (and the head for an int8 one): nothing is materialised, so they run
 anywhere.
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 
 import torch
@@ -114,20 +118,22 @@ def main() -> None:
     parser.add_argument("--schemes", help="comma list of fp32, bf16, int8, int4, nf4 (default: fp32,bf16,int8,int4 "
                         "on the CPU, bf16,int8,int4 on a GPU)")  # fmt: skip
     parser.add_argument("--group-size", type=int, help="int4 group size (default: the largest that fits the preset)")
-    parser.add_argument("--rest", choices=list(DTYPES), default="bf16", help="dtype of what quantised models keep "
-                        "unquantised (embeddings, norms); default bf16")  # fmt: skip
+    parser.add_argument("--rest", choices=list(DTYPES), help="dtype of what quantised models keep unquantised "
+                        "(embeddings, norms); default fp32 on the CPU, bf16 on a GPU")  # fmt: skip
     parser.add_argument("--float-head", action="store_true", help="keep the LM head in --rest rather than int8")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--prompt", type=int, default=64)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--compile", action="store_true", help="decode with compile=True (CUDA graphs on a GPU)")
+    parser.add_argument("--compile", nargs="?", const="on", default="off", choices=["off", "on", "both"],
+                        help="decode with compile=True (CUDA graphs on a GPU); both: eager and compiled")  # fmt: skip
     parser.add_argument("--reference", action="store_true", help="CPU: add transformers' fp32 model")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cuda = args.device.startswith("cuda")
     schemes = (args.schemes or ("bf16,int8,int4" if cuda else "fp32,bf16,int8,int4")).split(",")
+    args.rest = args.rest or ("bf16" if cuda else "fp32")
     cfg = idefics_9b_config() if args.preset == "9b" else bench_config(args.preset)
     group_size = args.group_size or largest_group_size(cfg)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -135,6 +141,7 @@ def main() -> None:
 
     n, results, memory = args.new_tokens, {}, {}
     variants = schemes + (["reference"] if args.reference and not cuda else [])
+    modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
     for name in tqdm(variants, desc="variants"):  # one model alive at a time: a 9b model fits every variant
         if name == "reference":
             import transformers
@@ -145,42 +152,44 @@ def main() -> None:
         else:
             model = build(cfg, name, device=args.device, group_size=group_size, rest=args.rest,
                           float_head=args.float_head)  # fmt: skip
-        memory[name] = weight_bytes(model)
-        results[name] = {}
         dtype = (
             torch.float32
             if name in ("fp32", "reference") or (name not in DTYPES and args.rest == "fp32")
             else torch.bfloat16
         )
-        extra = {"compile": True} if args.compile and name != "reference" else {}
+        labels = {name + (" compiled" if c else ""): c for c in (modes if name != "reference" else [False])}
+        for label in labels:
+            memory[label], results[label] = weight_bytes(model), {}
         for b in args.batch:
             inputs = make_inputs(cfg, batch=b, prompt=args.prompt, device=args.device, dtype=dtype)
 
-            def generate(k, model=model, inputs=inputs, extra=extra):
+            def generate(k, compiled, model=model, inputs=inputs):
+                extra = {"compile": True} if compiled else {}
                 with torch.inference_mode():
                     return model.generate(**inputs, max_new_tokens=k, min_new_tokens=k, do_sample=False, **extra)
 
-            t1, tn = measure({name: generate}, n=n, repeat=args.repeat, sync=sync)[name]
-            results[name][b] = b * (n - 1) / (tn - t1)
+            gens = {label: functools.partial(generate, compiled=c) for label, c in labels.items()}
+            for label, (t1, tn) in measure(gens, n=n, repeat=args.repeat, sync=sync).items():  # eager, compiled
+                results[label][b] = b * (n - 1) / (tn - t1)  # interleaved round by round
         del model
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
 
     device = torch.cuda.get_device_name() if cuda else f"cpu, {args.threads} threads"
-    print(f"\npreset={args.preset} ({device}) prompt={args.prompt} new_tokens={n} int4 group {group_size}"
-          f"{' compile' if args.compile else ''}")  # fmt: skip
-    base = "fp32" if "fp32" in results else schemes[0]
+    print(f"\npreset={args.preset} ({device}) prompt={args.prompt} new_tokens={n} int4 group {group_size} "
+          f"rest {args.rest} compile {args.compile}")  # fmt: skip
+    base = next(iter(results))  # fp32 eager when measured
     header = "".join(f"{f'b{b} tok/s':>11}" for b in args.batch)
     print(
-        f"{'':11}{'weights MB':>11}{header}{f'b1 vs {base}':>12}"
+        f"{'':15}{'weights MB':>11}{header}{f'b1 vs {base}':>16}"
         + (f"{'b1 vs ref':>11}" if "reference" in results else "")
     )
     for name, r in results.items():
         row = "".join(f"{r[b]:11.1f}" for b in args.batch)
         ratio = r[args.batch[0]] / results[base][args.batch[0]]
         vs_ref = f"{r[args.batch[0]] / results['reference'][args.batch[0]]:10.2f}x" if "reference" in results else ""
-        print(f"{name:11}{memory[name] / 1e6:11.1f}{row}{ratio:11.2f}x{vs_ref}")
+        print(f"{name:15}{memory[name] / 1e6:11.1f}{row}{ratio:11.2f}x{vs_ref}")
 
 
 if __name__ == "__main__":

@@ -131,3 +131,16 @@ def test_int8_head_close_to_the_decoupled_head():
     assert cosine.min() >= 0.9999
     torch.testing.assert_close(got[..., 1000:], expected[..., 1000:], atol=1e-6, rtol=1e-5)  # full precision
     assert set(quantised.state_dict()) == {"weight", "weight_scale", "additional_fc.weight"}
+
+
+@pytest.mark.parametrize("in_features", [8, 24, 40, 48])
+@pytest.mark.parametrize("rows", [1, 5, 100])
+def test_int8_any_width(in_features, rows):
+    """torch's int8 CPU kernel reads the input width in vectors of 16 (other widths crashed or went wrong): those
+    layers dequantise instead, and every width gives the dequantised product."""
+    torch.manual_seed(in_features)
+    layer = Int8Linear.from_linear(nn.Linear(in_features, 24, bias=True))
+    x = torch.randn(rows, 3, in_features)
+    expected = x @ layer.dequantize().T + layer.bias
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), expected, rtol=2e-2, atol=2e-2)

@@ -320,7 +320,7 @@ def test_fixed_shape_steps_give_the_same_tokens(tiny, monkeypatch):
     from idefics.serving import engine as engine_module
     from idefics.serving.slots import slot_decode
 
-    monkeypatch.setitem(engine_module._COMPILED, "step", torch.compile(slot_decode, backend="eager", fullgraph=True))
+    monkeypatch.setitem(engine_module._COMPILED, "cpu", torch.compile(slot_decode, backend="eager", fullgraph=True))
     monkeypatch.setattr(engine_module, "LENGTH_BUCKET", 32)
     keys = ["a", "b", "c", "d", "e"]
     prompts = {k: encoded(*REQUESTS[k][:3]) for k in keys}

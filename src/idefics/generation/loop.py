@@ -15,6 +15,7 @@ import torch
 
 from ..cache import IdeficsCache
 from ..modeling.layout import use_decode_layout
+from .compiling import FROZEN, compile_step, fast_repeat
 from .config import GenerationConfig
 from .graphs import CudaGraphStep
 from .processors import process
@@ -130,25 +131,29 @@ def static_step(model, tokens, positions, valid, kv, image_states, image_kv, cro
 _COMPILED = {}
 
 
-def compiled_static_step():
-    """`static_step` compiled once per process (one specialisation per batch size and capacity bucket)."""
-    if "step" not in _COMPILED:
-        _COMPILED["step"] = torch.compile(static_step, fullgraph=True, dynamic=False)
-    return _COMPILED["step"]
+def compiled_static_step(device: torch.device):
+    """`static_step` compiled once per process and device type (one specialisation per model, batch size and
+    capacity bucket)."""
+    if device.type not in _COMPILED:
+        _COMPILED[device.type] = compile_step(static_step, device)
+    return _COMPILED[device.type]
 
 
 def bind_static_step(model, state: DecodeState, *, compile: bool, cuda_graphs: bool):
     """tokens (b,) -> logits (b, v) over the request's static buffers, compiled and/or captured as a CUDA graph."""
-    fn = compiled_static_step() if compile else static_step
     cache = state.cache
+    device = state.positions.device
+    if compile:
+        FROZEN.check(model, device)
+    fn = compiled_static_step(device) if compile else static_step
 
     def step(tokens: torch.Tensor) -> torch.Tensor:
         return fn(model, tokens, state.positions, state.pad_mask, cache.kv, cache.image_hidden_states,
                   cache.image_kv, state.cross_mask, state.gate)  # fmt: skip
 
     if cuda_graphs:
-        return CudaGraphStep(step, state.positions.shape[0], state.positions.device)
-    return step  # without a graph, every call returns a fresh tensor
+        return CudaGraphStep(step, state.positions.shape[0], device)
+    return fast_repeat(step) if compile else step  # without a graph, every call returns a fresh tensor
 
 
 @torch.inference_mode()

@@ -25,8 +25,15 @@ ACTIVATION_DTYPE = torch.bfloat16
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what the int4 kernels accept
 
 
+INT8_K_MULTIPLE = 16  # the int8 kernel reads k in vectors of 16: other widths crash or go wrong (torch 2.13, CPU)
+
+
 def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """(m, k) x int8 (n, k) with per-row `scale` (n,) -> (m, n); x and scale in ACTIVATION_DTYPE."""
+    """(m, k) x int8 (n, k) with per-row `scale` (n,) -> (m, n); x and scale in ACTIVATION_DTYPE. A width the
+    kernel cannot take (k not a multiple of 16: small test models, odd adapters) dequantises and multiplies in
+    float32 instead."""
+    if weight.shape[1] % INT8_K_MULTIPLE:
+        return (x.float() @ (weight.float() * scale.float()[:, None]).T).to(x.dtype)  # (m, n)
     return torch._weight_int8pack_mm(x, weight, scale)
 
 

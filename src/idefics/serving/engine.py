@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..generation.compiling import FROZEN, compile_step, fast_repeat
 from ..generation.graphs import CudaGraphStep
 from .events import FinishEvent, TokenEvent, TokenLogprob
 from .inputs import encode_prompt
@@ -328,13 +329,19 @@ class Engine:
         span = min(self.max_model_len, -(-length // LENGTH_BUCKET) * LENGTH_BUCKET)
         key = (bucket, span)
         if key not in self._steps:
-            fn = compiled_slot_decode() if self.config.compile is True else slot_decode
+            compiled = self.config.compile is True
+            if compiled:
+                FROZEN.check(self.model, self.device)
+            fn = compiled_slot_decode(self.device) if compiled else slot_decode
             images = self.config.max_images_per_request
 
             def step(tokens: torch.Tensor) -> torch.Tensor:
                 return fn(self.model, self.slots, tokens, bucket, span, images)
 
-            self._steps[key] = CudaGraphStep(step, bucket, self.device) if self.device.type == "cuda" else step
+            if self.device.type == "cuda":
+                self._steps[key] = CudaGraphStep(step, bucket, self.device)
+            else:
+                self._steps[key] = fast_repeat(step) if compiled else step
         step = self._steps[key]
         return lambda tokens: step(torch.nn.functional.pad(tokens, (0, bucket - b)))[:b]
 
@@ -410,8 +417,8 @@ class Engine:
 _COMPILED: dict[str, object] = {}
 
 
-def compiled_slot_decode():
-    """`slot_decode` compiled once per process (one specialisation per bucket)."""
-    if "step" not in _COMPILED:
-        _COMPILED["step"] = torch.compile(slot_decode, fullgraph=True, dynamic=False)
-    return _COMPILED["step"]
+def compiled_slot_decode(device: torch.device):
+    """`slot_decode` compiled once per process and device type (one specialisation per bucket)."""
+    if device.type not in _COMPILED:
+        _COMPILED[device.type] = compile_step(slot_decode, device)
+    return _COMPILED[device.type]

@@ -2,6 +2,8 @@
 
     python benchmarks/generate.py [--preset bench|wide|deep|tiny] [--threads 2] [--new-tokens 32]
     python benchmarks/generate.py --sweep 8 [--seed 0]   # batch-1 decode on 8 seeded random shapes
+    python benchmarks/generate.py --sweep 6 --batch 4    # the same at batch 4
+    python benchmarks/generate.py --sweep 6 --int8       # plus int8 eager and compiled, against our fp32
 
 Prints batch-1 decode tokens/s, batch-8 decode throughput, prefill latency, and the fraction of the
 weight-streaming bound (weight bytes per decode step / bandwidth of x @ W.T over as many fp32 bytes).
@@ -9,7 +11,9 @@ Decode rates are (N - 1) / (time(N new tokens) - time(1 new token)), so prefill 
 time(1 new token) at batch 1 (time to first token). Runs alternate between the implementations, medians reported.
 `--sweep N` measures batch-1 decode, ours and the reference's, on N seeded random shapes (hidden 256-1024, 2-16
 decoder layers, cross-attention interval 1-4, with and without the resampler and the q/k norms) and prints each
-ratio and the smallest: a speed-up that holds only on the presets shows up here.
+ratio and the smallest: a speed-up that holds only on the presets shows up here. `--batch B` decodes B rows (throughput
+in tokens/s over all rows); `--int8` adds ours loaded with `quantize="int8"`, eager and `compile=True` (compile time
+excluded), and prints their ratios to our fp32.
 """
 
 from __future__ import annotations
@@ -58,19 +62,19 @@ def sweep_configs(count: int, seed: int) -> list[dict]:
     return configs
 
 
-def decode_b1(impls: dict, cfg: dict, *, prompt: int, n: int, repeat: int) -> dict[str, float]:
-    """Batch-1 decode tokens/s of each implementation."""
-    inputs = make_inputs(cfg, batch=1, prompt=prompt)
+def decode_rates(impls: dict, cfg: dict, *, prompt: int, n: int, repeat: int, batch: int = 1) -> dict[str, float]:
+    """Decode tokens/s (over all `batch` rows) of each implementation: name -> (model, generate kwargs)."""
+    inputs = make_inputs(cfg, batch=batch, prompt=prompt)
 
-    def generator(model):
+    def generator(model, extra):
         def generate(k):
             with torch.inference_mode():
-                return model.generate(**inputs, max_new_tokens=k, min_new_tokens=k, do_sample=False)
+                return model.generate(**inputs, max_new_tokens=k, min_new_tokens=k, do_sample=False, **extra)
 
         return generate
 
-    times = measure({name: generator(m) for name, m in impls.items()}, n=n, repeat=repeat)
-    return {name: (n - 1) / (tn - t1) for name, (t1, tn) in times.items()}
+    times = measure({name: generator(m, extra) for name, (m, extra) in impls.items()}, n=n, repeat=repeat)
+    return {name: batch * (n - 1) / (tn - t1) for name, (t1, tn) in times.items()}
 
 
 def run_sweep(args: argparse.Namespace) -> None:
@@ -80,18 +84,30 @@ def run_sweep(args: argparse.Namespace) -> None:
     for cfg in tqdm(sweep_configs(args.sweep, args.seed), desc="shapes"):
         with tempfile.TemporaryDirectory() as tmp:
             build_checkpoint(cfg, Path(tmp))
-            impls = {"ours": idefics.IdeficsForVisionText2Text.from_pretrained(tmp),
-                     "reference": transformers.IdeficsForVisionText2Text.from_pretrained(tmp).eval()}  # fmt: skip
-        rates = decode_b1(impls, cfg, prompt=args.prompt, n=args.new_tokens, repeat=args.repeat)
-        rows.append((cfg, rates["ours"], rates["reference"]))
-    print(f"\nsweep of {args.sweep} shapes (seed {args.seed}), threads={args.threads}, batch-1 decode (fp32, CPU)")
+            impls = {"ours": (idefics.IdeficsForVisionText2Text.from_pretrained(tmp), {}),
+                     "reference": (transformers.IdeficsForVisionText2Text.from_pretrained(tmp).eval(), {})}  # fmt: skip
+            if args.int8:
+                int8 = idefics.IdeficsForVisionText2Text.from_pretrained(tmp, quantize="int8")
+                impls |= {"int8": (int8, {}), "int8 compiled": (int8, {"compile": True})}
+        rates = decode_rates(impls, cfg, prompt=args.prompt, n=args.new_tokens, repeat=args.repeat, batch=args.batch)
+        rows.append((cfg, rates))
+    print(f"\nsweep of {args.sweep} shapes (seed {args.seed}), threads={args.threads}, batch-{args.batch} decode "
+          "(fp32 unless int8, CPU)")  # fmt: skip
+    int8_header = f"{'int8':>8}{'int8 comp':>10}{'int8/ours':>10}{'comp/ours':>10}" if args.int8 else ""
     print(f"{'hidden':>7}{'ffn':>6}{'layers':>7}{'interval':>9}{'resampler':>10}{'qk norm':>8}"
-          f"{'ours tok/s':>11}{'ref tok/s':>10}{'ratio':>7}")  # fmt: skip
-    for cfg, ours, ref in rows:
+          f"{'ours tok/s':>11}{'ref tok/s':>10}{'ratio':>7}{int8_header}")  # fmt: skip
+    for cfg, r in rows:
+        int8_row = ""
+        if args.int8:
+            int8_row = (f"{r['int8']:8.1f}{r['int8 compiled']:10.1f}{r['int8'] / r['ours']:9.2f}x"
+                        f"{r['int8 compiled'] / r['ours']:9.2f}x")  # fmt: skip
         print(f"{cfg['hidden_size']:7}{cfg['intermediate_size']:6}{cfg['num_hidden_layers']:7}"
               f"{cfg['cross_layer_interval']:9}{cfg['use_resampler']!s:>10}{cfg['qk_layer_norms']!s:>8}"
-              f"{ours:11.1f}{ref:10.1f}{ours / ref:6.2f}x")  # fmt: skip
-    print(f"smallest ratio ours/ref: {min(ours / ref for _, ours, ref in rows):.2f}x")
+              f"{r['ours']:11.1f}{r['reference']:10.1f}{r['ours'] / r['reference']:6.2f}x{int8_row}")  # fmt: skip
+    print(f"smallest ratio ours/ref: {min(r['ours'] / r['reference'] for _, r in rows):.2f}x")
+    if args.int8:
+        print(f"smallest int8 compiled / ours fp32: {min(r['int8 compiled'] / r['ours'] for _, r in rows):.2f}x, "
+              f"int8 eager / ours fp32: {min(r['int8'] / r['ours'] for _, r in rows):.2f}x")  # fmt: skip
 
 
 def main() -> None:
@@ -104,6 +120,8 @@ def main() -> None:
     parser.add_argument("--no-reference", action="store_true", help="measure ours only")
     parser.add_argument("--sweep", type=int, metavar="N", help="batch-1 decode on N seeded random shapes instead")
     parser.add_argument("--seed", type=int, default=0, help="the sweep's shapes")
+    parser.add_argument("--batch", type=int, default=1, help="the sweep's batch size")
+    parser.add_argument("--int8", action="store_true", help="the sweep adds int8, eager and compiled")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.sweep:

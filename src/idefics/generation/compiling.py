@@ -6,7 +6,9 @@ device by measurement (BENCHMARKS.md, "Compiled decode on CPU"):
 - CPU: `freezing` (the weights become constants of the graph) and `cpp_wrapper` (the step's kernels are called from
   C++, not Python): int8 decode ~1.4x its eager speed, ~3x float32 eager. Freezing bakes the weights' values in, so
   `FrozenWeights` recompiles when they change. Left out: `max_autotune`, which with freezing picks Inductor's own
-  GEMM kernels and makes float32 decode ~1.6x eager, but on a tiny test model (widths 24-48) gave all-zero logits.
+  GEMM kernels and makes float32 decode ~1.6x eager, but (torch 2.13) those kernels ignore a frozen weight's storage
+  offset: a Linear whose weight is a slice of a larger tensor (our packed q/k/v and gate/up make such views) gets
+  wrong products, and a tiny test model decoded all-zero logits.
 - CUDA: the defaults; the caller captures the step in a CUDA graph, which removes the launch overhead.
 
 `fast_repeat(step)` calls a compiled step with Dynamo's guards checked on its first call only: the later calls of

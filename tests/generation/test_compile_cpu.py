@@ -76,3 +76,17 @@ def test_cpu_options_can_be_turned_off(monkeypatch):
     assert compiling.compile_options(torch.device("cuda")) == {}
     monkeypatch.setenv("IDEFICS_COMPILE_OPTIONS", "none")
     assert compiling.compile_options(torch.device("cpu")) == {}
+
+
+def test_one_compiled_step_for_every_length(reference_checkpoints, fresh_dynamo, monkeypatch):
+    """On CPU the compiled step attends over the filled positions only, a dynamic length: one graph serves every
+    step of a request (without the dynamic mark, the second step would compile again)."""
+    from idefics.generation import loop
+
+    monkeypatch.setitem(loop._COMPILED, "cpu", torch.compile(loop.static_step, backend="eager", fullgraph=True))
+    model = idefics.IdeficsForVisionText2Text.from_pretrained(reference_checkpoints("resampler_qk_interval2")[1])
+    batch = make_batch(config_dict("resampler_qk_interval2"))
+    eager = teacher_forced_logits(model, batch, compile=False, steps=6)
+    compiled = teacher_forced_logits(model, batch, compile=True, steps=6)
+    assert compiled_graphs() == 1
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)

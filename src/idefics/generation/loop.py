@@ -15,7 +15,7 @@ import torch
 
 from ..cache import IdeficsCache
 from ..modeling.layout import use_decode_layout
-from .compiling import FROZEN, compile_step, fast_repeat
+from .compiling import FROZEN, compile_step, dynamic_span, fast_repeat
 from .config import GenerationConfig
 from .graphs import CudaGraphStep
 from .processors import process
@@ -118,12 +118,13 @@ STATIC_BUCKET = 256  # static caches are sized in multiples of this many positio
 
 
 def static_step(model, tokens, positions, valid, kv, image_states, image_kv, cross_mask, gate) -> torch.Tensor:
-    """One decode step with fixed shapes: attends over the whole cache buffer, masked beyond `kv.pos`."""
+    """One decode step over the static cache: attends over the first `valid.shape[1]` positions of its buffers (all of
+    them for CUDA graphs; the filled ones, a dynamic length, when compiled on CPU), masked beyond `kv.pos`."""
     backbone = model.model
     x = backbone.embed_tokens(tokens[:, None])  # (b, 1, d)
     rope = backbone.rotary_emb(positions, x.dtype)
-    filled = torch.arange(valid.shape[1], device=valid.device) <= kv.pos  # (capacity,)
-    mask = (valid & filled)[:, None, None, :]  # (b, 1, 1, capacity)
+    filled = torch.arange(valid.shape[1], device=valid.device) <= kv.pos  # (T,)
+    mask = (valid & filled)[:, None, None, :]  # (b, 1, 1, T)
     x = backbone.run_layers(x, rope, mask, kv, image_states, image_kv, cross_mask, gate)
     return model.lm_head(backbone.norm(x))[:, -1].float()
 
@@ -147,9 +148,15 @@ def bind_static_step(model, state: DecodeState, *, compile: bool, cuda_graphs: b
         FROZEN.check(model, device)
     fn = compiled_static_step(device) if compile else static_step
 
+    span = compile and dynamic_span(device)
+
     def step(tokens: torch.Tensor) -> torch.Tensor:
-        return fn(model, tokens, state.positions, state.pad_mask, cache.kv, cache.image_hidden_states,
-                  cache.image_kv, state.cross_mask, state.gate)  # fmt: skip
+        valid = state.pad_mask  # (b, capacity)
+        if span:  # only the filled positions, one compiled step for every length
+            valid = valid[:, : cache.kv.length + 1]  # (b, T)
+            torch._dynamo.mark_dynamic(valid, 1)
+        return fn(model, tokens, state.positions, valid, cache.kv, cache.image_hidden_states, cache.image_kv,
+                  state.cross_mask, state.gate)  # fmt: skip
 
     if cuda_graphs:
         return CudaGraphStep(step, state.positions.shape[0], device)

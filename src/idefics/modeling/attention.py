@@ -47,6 +47,8 @@ class IdeficsAttention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (b, h, t, hd)
         if cache is not None:
             k, v = cache.update(layer_idx, k, v)  # (b, h, T, hd)
+            if cache.static and mask is not None:  # a static buffer: attend over the positions the mask covers
+                k, v = k[:, :, : mask.shape[-1]], v[:, :, : mask.shape[-1]]
         dropout = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None and t > 1)
         return project(self.o_proj, y.transpose(1, 2).reshape(b, t, d))

@@ -108,6 +108,8 @@ class SlotStep:
     """The K/V interface `run_layers` expects, for one decode step over slots 0..B-1 attending to T positions:
     each row's new K/V (B, h, 1, hd) is written at its own position, and the (B, h, T, hd) views are returned."""
 
+    static = False  # (KVCache's flag) the views returned already span exactly the positions attended
+
     def __init__(self, cache: SlotCache, rows: int, length: int):
         self.cache, self.b, self.t = cache, rows, length
 

@@ -1,6 +1,7 @@
 """Serving throughput: the continuous-batching engine vs one-at-a-time generate() vs static batching, one process.
 
     python benchmarks/engine.py [--preset tiny|bench|gpu9b] [--requests 32] [--rate 100] [--concurrency 16]
+    python benchmarks/engine.py --quantize int8 --compile on    # the int8 CPU fast path under load
 
 A stream of requests with Poisson arrivals (`--rate` per second; prompts of mixed lengths with 0-2 images, mixed
 max_tokens, greedy, EOS ignored so every path generates the same counts) goes through (a) the engine with
@@ -222,6 +223,7 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, nargs=2, metavar=("MIN", "MAX"), help="default: per preset")
     parser.add_argument("--max-tokens", type=int, nargs=2, metavar=("MIN", "MAX"), help="default: per preset")
     parser.add_argument("--steady", action="store_true", help="also measure steady-state decode vs generate()")
+    parser.add_argument("--quantize", choices=["int8", "int4"], help="quantise our model's Linears (all three paths)")
     parser.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
                         help="the engine's compile setting (auto: CUDA graphs on CUDA, eager on CPU)")  # fmt: skip
     args = parser.parse_args()
@@ -235,6 +237,10 @@ def main() -> None:
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     n, concurrency = args.requests or preset["requests"], args.concurrency or preset["concurrency"]
     model, cfg = build_model(args.preset, device, dtype)
+    if args.quantize:
+        from idefics.quantization import QuantizationConfig, quantize_model
+
+        quantize_model(model, QuantizationConfig(args.quantize))
     max_len = preset["prompt"][1] + preset["new"][1]
     jobs = make_jobs(cfg, n, rate=args.rate, prompt=preset["prompt"], new=preset["new"], device=device, dtype=dtype)
     # Warm-up: the engine's rows finish one by one, so every batch-size bucket is built (compiled) before timing.

@@ -5,7 +5,7 @@ import torch
 from reference import config_dict, make_batch
 
 import idefics
-from idefics.generation import GenerationConfig, decode_step, generate_steps, loop, prefill
+from idefics.generation import GenerationConfig, compiling, decode_step, generate_steps, loop, prefill
 
 
 def batch_for(name, **kw):
@@ -174,7 +174,8 @@ def test_static_compiled_step_gives_the_same_tokens(reference_checkpoints, monke
     batch = batch_for("resampler_qk_interval2")
     kwargs = dict(max_new_tokens=8, eos_token_id=5, repetition_penalty=1.5)
     expected = ours.generate(**batch, **kwargs)
-    monkeypatch.setitem(loop._COMPILED, "cpu", torch.compile(loop.static_step, backend="eager", fullgraph=True))
+    eager_compiled = torch.compile(loop.static_step, backend="eager", fullgraph=True)
+    monkeypatch.setitem(compiling._COMPILED, (loop.static_step, "cpu"), eager_compiled)
     assert torch.equal(ours.generate(**batch, compile=True, **kwargs), expected)
 
 
@@ -187,7 +188,8 @@ def test_static_cache_is_bucketed(reference_checkpoints, monkeypatch):
     _, state = prefill(ours, batch["input_ids"], **{k: v for k, v in batch.items() if k != "input_ids"},
                        capacity=20, cuda_graphs=False, compile=False)  # fmt: skip
     assert state.cache.kv.capacity == 20 and state.static_step is None
-    monkeypatch.setitem(loop._COMPILED, "cpu", torch.compile(loop.static_step, backend="eager", fullgraph=True))
+    eager_compiled = torch.compile(loop.static_step, backend="eager", fullgraph=True)
+    monkeypatch.setitem(compiling._COMPILED, (loop.static_step, "cpu"), eager_compiled)
     _, state = prefill(ours, batch["input_ids"], **{k: v for k, v in batch.items() if k != "input_ids"},
                        capacity=20, compile=True)  # fmt: skip
     assert state.cache.kv.capacity == 32 and state.cache.kv.static

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 import idefics
-from idefics.generation import GenerationConfig, processors
+from idefics.generation import GenerationConfig, compiling, processors
 from idefics.serving import (
     Completion,
     ContextLengthError,
@@ -320,7 +320,8 @@ def test_fixed_shape_steps_give_the_same_tokens(tiny, monkeypatch):
     from idefics.serving import engine as engine_module
     from idefics.serving.slots import slot_decode
 
-    monkeypatch.setitem(engine_module._COMPILED, "cpu", torch.compile(slot_decode, backend="eager", fullgraph=True))
+    eager_compiled = torch.compile(slot_decode, backend="eager", fullgraph=True)
+    monkeypatch.setitem(compiling._COMPILED, (slot_decode, "cpu"), eager_compiled)
     monkeypatch.setattr(engine_module, "LENGTH_BUCKET", 32)
     keys = ["a", "b", "c", "d", "e"]
     prompts = {k: encoded(*REQUESTS[k][:3]) for k in keys}

@@ -19,8 +19,8 @@ measurement (BENCHMARKS.md, "Compiled decode on CPU"):
 
 `fast_repeat(step)` calls a compiled step with Dynamo's guards checked on its first call only: the later calls of
 one request pass the same buffers with the same shapes (but for the dynamic length, which the graph takes whatever
-its value), and on a small CPU step the guards on every parameter of
-the model cost ~10% of the step (`bench` int8: 0.37 ms of 3.4; 0.15 ms remains).
+its value), and on a small CPU step the guards on every parameter of the model cost ~10% of the step (`bench` int8:
+0.37 ms of 3.4; 0.15 ms remains).
 """
 
 from __future__ import annotations
@@ -87,6 +87,17 @@ class FrozenWeights:
 
 
 FROZEN = FrozenWeights()  # one record per process: a reset clears every compiled step
+_COMPILED: dict[tuple[Callable, str], Callable] = {}
+
+
+def compiled_for(fn: Callable, model: torch.nn.Module, device: torch.device) -> Callable:
+    """`fn` compiled once per process and device type (Dynamo specialises it per model and shape), after checking
+    that the weights a frozen graph of `model` baked in are still the model's."""
+    FROZEN.check(model, device)
+    key = (fn, device.type)
+    if key not in _COMPILED:
+        _COMPILED[key] = compile_step(fn, device)
+    return _COMPILED[key]
 
 
 def fast_repeat(step: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:

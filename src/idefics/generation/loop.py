@@ -15,7 +15,7 @@ import torch
 
 from ..cache import IdeficsCache
 from ..modeling.layout import use_decode_layout
-from .compiling import FROZEN, compile_step, dynamic_span, fast_repeat
+from .compiling import compiled_for, dynamic_span, fast_repeat
 from .config import GenerationConfig
 from .graphs import CudaGraphStep
 from .processors import process
@@ -129,25 +129,11 @@ def static_step(model, tokens, positions, valid, kv, image_states, image_kv, cro
     return model.lm_head(backbone.norm(x))[:, -1].float()
 
 
-_COMPILED = {}
-
-
-def compiled_static_step(device: torch.device):
-    """`static_step` compiled once per process and device type (one specialisation per model, batch size and
-    capacity bucket)."""
-    if device.type not in _COMPILED:
-        _COMPILED[device.type] = compile_step(static_step, device)
-    return _COMPILED[device.type]
-
-
 def bind_static_step(model, state: DecodeState, *, compile: bool, cuda_graphs: bool):
     """tokens (b,) -> logits (b, v) over the request's static buffers, compiled and/or captured as a CUDA graph."""
     cache = state.cache
     device = state.positions.device
-    if compile:
-        FROZEN.check(model, device)
-    fn = compiled_static_step(device) if compile else static_step
-
+    fn = compiled_for(static_step, model, device) if compile else static_step
     span = compile and dynamic_span(device)
 
     def step(tokens: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..generation.compiling import FROZEN, compile_step, fast_repeat
+from ..generation.compiling import compiled_for, fast_repeat
 from ..generation.graphs import CudaGraphStep
 from .events import FinishEvent, TokenEvent, TokenLogprob
 from .inputs import encode_prompt
@@ -330,9 +330,7 @@ class Engine:
         key = (bucket, span)
         if key not in self._steps:
             compiled = self.config.compile is True
-            if compiled:
-                FROZEN.check(self.model, self.device)
-            fn = compiled_slot_decode(self.device) if compiled else slot_decode
+            fn = compiled_for(slot_decode, self.model, self.device) if compiled else slot_decode
             images = self.config.max_images_per_request
 
             def step(tokens: torch.Tensor) -> torch.Tensor:
@@ -412,13 +410,3 @@ class Engine:
             self.metrics.finished(reason)
         request.stream.push([FinishEvent(i, reason, "", [], request.prompt_tokens, 0, dict(timings), error)
                              for i in range(request.params.n)])  # fmt: skip
-
-
-_COMPILED: dict[str, object] = {}
-
-
-def compiled_slot_decode(device: torch.device):
-    """`slot_decode` compiled once per process and device type (one specialisation per bucket)."""
-    if device.type not in _COMPILED:
-        _COMPILED[device.type] = compile_step(slot_decode, device)
-    return _COMPILED[device.type]

@@ -120,6 +120,7 @@ def load_checkpoint(
     ignore_unexpected: Sequence[str] = (),
     keep_fp32: Sequence[str] = (),
     sinks: Mapping[str, TensorSink] | None = None,
+    slices: Mapping[str, tuple[int, int, int]] | None = None,
 ) -> list[str]:
     """Attach the checkpoint in `directory` to `model` (built on the meta device), in place.
 
@@ -132,6 +133,10 @@ def load_checkpoint(
     Checkpoint keys in `sinks` are read as float32 on `device` and handed to their sink one at a time (their file
     pages released right after), so a model that quantises while loading never holds more than one full-precision
     tensor.
+
+    Checkpoint keys in `slices` ({key: (dim, start, stop)}, a tensor-parallel rank's shards) are read as that slice
+    only: a row slice from its own bytes of the file, a column slice row block by row block with the file pages
+    released behind it, so a rank's memory holds its shards, never whole tensors.
     """
     directory = Path(directory)
     dtype = torch.float32 if dtype is None else dtype
@@ -148,9 +153,19 @@ def load_checkpoint(
     for key, tensor in state.items():
         aliases.setdefault(id(tensor), []).append(key)
     sinks = {key: sink for key, sink in (sinks or {}).items() if key in where}
+    slices = dict(slices or {})
     for key in where.keys() & (state.keys() | sinks.keys()):
         expected = sinks[key].shape if key in sinks else state[key].shape
-        if shapes[key] != expected:
+        if key in slices:
+            dim, start, stop = slices[key]
+            fits = len(shapes[key]) > dim and shapes[key][dim] >= stop
+            sliced = torch.Size((*shapes[key][:dim], stop - start, *shapes[key][dim + 1 :])) if fits else None
+            if sliced != expected:
+                raise CheckpointError(
+                    f"shape mismatch for {key!r} in {where[key]}: checkpoint {tuple(shapes[key])}, this rank's slice "
+                    f"[{start}:{stop}] of dim {dim} should be {tuple(expected)}"
+                )
+        elif shapes[key] != expected:
             raise CheckpointError(
                 f"shape mismatch for {key!r} in {where[key]}: checkpoint {tuple(shapes[key])}, model {tuple(expected)}"
             )
@@ -179,7 +194,8 @@ def load_checkpoint(
     for path in tqdm(files, desc="Loading checkpoint shards", disable=len(files) == 1):
         keys = {key for key in where if where[key] == path and (key in state or key in sinks)}
         transient = keys & sinks.keys()
-        for key, tensor in _read_tensors(path, keys, target_dtype=target_dtype, device=device, transient=transient):
+        reads = _read_tensors(path, keys, target_dtype=target_dtype, device=device, transient=transient, slices=slices)
+        for key, tensor in reads:
             if key in sinks:
                 sinks[key].take(tensor)
             else:
@@ -270,13 +286,19 @@ def _read_tensors(
     target_dtype: Callable[[str, torch.dtype], torch.dtype],
     device: torch.device,
     transient: set[str] = frozenset(),
+    slices: Mapping[str, tuple[int, int, int]] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield `keys` of the file at `path` as `target_dtype(key, stored dtype)` on `device`. The caller drops the
-    tensors of `transient` keys before asking for the next one: their file pages are released then."""
+    """Yield `keys` of the file at `path` as `target_dtype(key, stored dtype)` on `device` (the `slices` of theirs
+    only; see `load_checkpoint`). The caller drops the tensors of `transient` keys before asking for the next one:
+    their file pages are released then."""
+    slices = slices or {}
     if path.suffix != ".safetensors":
         # torch.load's mmap keeps every page it casts resident until the whole file is dropped.
         for key, tensor in _torch_load(path).items():
             if key in keys:
+                if key in slices:
+                    dim, start, stop = slices[key]
+                    tensor = tensor.narrow(dim, start, stop - start).contiguous()
                 yield key, tensor.to(device=device, dtype=target_dtype(key, tensor.dtype))
         return
     header = _safetensors_header(path)
@@ -288,6 +310,9 @@ def _read_tensors(
         nbytes = math.prod(shape) * stored.itemsize
         dtype = target_dtype(key, stored)
         aligned = offset % stored.itemsize == 0
+        if key in slices:
+            yield key, _read_slice(mapped, data, offset, stored, shape, slices[key], dtype=dtype, device=device)
+            continue
         if dtype == stored and device.type == "cpu" and aligned:
             yield key, data[offset : offset + nbytes].view(stored).view(shape)
             if key in transient:
@@ -302,6 +327,36 @@ def _read_tensors(
             flat[start // stored.itemsize : end // stored.itemsize].copy_(chunk)
             _release(mapped, offset, offset + end)
         yield key, out
+
+
+def _read_slice(
+    mapped: mmap.mmap,
+    data: torch.Tensor,
+    offset: int,
+    stored: torch.dtype,
+    shape: torch.Size,
+    part: tuple[int, int, int],
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor:
+    """[start, stop) along `dim` of the tensor at `offset`, copied a block of rows at a time, each block's file pages
+    released behind it: only the slice's pages (for a column slice, the pages its rows span) are ever read."""
+    dim, start, stop = part
+    row_bytes = math.prod(shape[1:]) * stored.itemsize  # one row (index along dim 0) of the whole tensor
+    first, rows = (start, stop - start) if dim == 0 else (0, shape[0])
+    raw = data[offset + first * row_bytes : offset + (first + rows) * row_bytes]
+    if offset % stored.itemsize:
+        raw = raw.clone()  # a view needs an aligned start
+    whole = raw.view(stored).view(rows, *shape[1:])  # (rows, ...) the rows the slice lies in
+    view = whole if dim == 0 else whole.narrow(dim, start, stop - start)
+    out = torch.empty(view.shape, dtype=dtype, device=device)
+    block = max(1, _CHUNK_BYTES // max(row_bytes, 1))
+    for a in range(0, rows, block):
+        b = min(a + block, rows)
+        out[a:b].copy_(view[a:b])
+        _release(mapped, offset + (first + a) * row_bytes, offset + (first + b) * row_bytes)
+    return out
 
 
 def _release(mapped: mmap.mmap, start: int, end: int) -> None:

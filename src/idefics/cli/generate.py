@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -102,16 +103,18 @@ def load_model(
     dtype: torch.dtype | str,
     quantize: str | None = None,
     group_size: int = 128,
+    tp_plan: str | None = None,
 ):
-    """The model and processor from a folder or hub id, optionally quantised while loading; UserError when they
-    cannot be found or read, or the quantisation does not fit the model or the device."""
+    """The model and processor from a folder or hub id, optionally quantised while loading (and sharded over the
+    torchrun group with `tp_plan`); UserError when they cannot be found or read, or the quantisation or the
+    tensor-parallel split does not fit the model or the device."""
     from ..modeling import IdeficsForVisionText2Text
     from ..processing import IdeficsProcessor
     from ..quantization import QuantizationError
 
     try:
         model = IdeficsForVisionText2Text.from_pretrained(
-            name, dtype=dtype, device=device, quantize=quantize, group_size=group_size
+            name, dtype=dtype, device=device, quantize=quantize, group_size=group_size, tp_plan=tp_plan
         )
         processor = IdeficsProcessor.from_pretrained(name)
     except QuantizationError as err:
@@ -175,16 +178,35 @@ def device_and_dtype(args: argparse.Namespace) -> tuple[str, torch.dtype | str]:
     return device, dtype
 
 
+def under_torchrun() -> bool:
+    """Whether torchrun started this process as one of several: the model is then sharded over them (tp_plan)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def run(args: argparse.Namespace) -> int:
     from .. import DEMO_MODEL
-    from ..generation import TextDeltas, generate_steps
+    from ..parallel import leave
 
     check_args(args)
     images = [load_image(source, allow_remote=args.allow_remote_images) for source in args.image]
     device, dtype = device_and_dtype(args)
     started = time.perf_counter()
+    tp_plan = "auto" if under_torchrun() else None
     model, processor = load_model(args.model or DEMO_MODEL, adapter=args.adapter, device=device, dtype=dtype,
-                                  quantize=args.quantize, group_size=args.group_size)  # fmt: skip
+                                  quantize=args.quantize, group_size=args.group_size, tp_plan=tp_plan)  # fmt: skip
+    try:
+        return print_answer(args, model, processor, images, device, started)
+    finally:
+        if tp_plan is not None:
+            leave()
+
+
+def print_answer(args: argparse.Namespace, model, processor, images: list, device: str, started: float) -> int:
+    """Generate and print the answer (only rank 0 prints when the model is tensor-parallel)."""
+    from ..generation import TextDeltas, generate_steps
+
+    tp = model.tensor_parallel
+    prints = tp is None or tp.is_main
     loaded = time.perf_counter()
     inputs = processor(build_prompt(args.prompt, images, raw=args.raw, processor=processor),
                        add_end_of_utterance_token=False).to(device)  # fmt: skip
@@ -197,11 +219,13 @@ def run(args: argparse.Namespace) -> int:
             tokens, finished = tokens + 1, bool(step.finished[0])
             first_token = first_token or time.perf_counter()
             answer.append(deltas.push(int(step.tokens[0])))
-            if not args.json:
+            if prints and not args.json:
                 print(answer[-1], end="", flush=True)
     except ValueError as err:  # e.g. a prompt longer than the model's positions
         raise UserError(str(err)) from None
     answer.append(deltas.finish())
+    if not prints:
+        return 0
     if not args.json:
         print(answer[-1], flush=True)
         return 0

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import GenerationConfig
-from .loop import decode_step, prefill, seen_tokens
+from .loop import decode_step, prefill, sampling_generator, seen_tokens
 from .processors import process
 from .stopping import StopStrings, eos_hits
 
@@ -50,8 +50,7 @@ def beam_search(
         raise ValueError("stop_strings need a tokenizer: pass tokenizer= (or use the processor's)")
     stop = StopStrings(config.stop_strings, tokenizer) if config.stop_strings else None
     eos = torch.tensor(config.eos_token_id, device=device) if config.eos_token_id else None
-    if config.do_sample and generator is None and config.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(config.seed)
+    generator = sampling_generator(model, config, generator, device)
 
     # Images are encoded once per row, then shared by its beams.
     image_inputs = {}

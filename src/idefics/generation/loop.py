@@ -194,6 +194,17 @@ def seen_tokens(ids: torch.Tensor, attention_mask: torch.Tensor | None, vocab: i
     return seen.scatter_(1, ids, True)[:, :vocab]
 
 
+def sampling_generator(model, config: GenerationConfig, generator: torch.Generator | None, device):
+    """What sampling draws from: the caller's generator, else one seeded with `config.seed`, else (tensor parallel)
+    one seeded by rank 0 for every rank, so that all ranks draw the same tokens; None is torch's global generator."""
+    if not config.do_sample or generator is not None:
+        return generator
+    seed, tp = config.seed, getattr(model, "tensor_parallel", None)
+    if seed is None and tp is not None and tp.size > 1:
+        seed = tp.shared_seed()
+    return None if seed is None else torch.Generator(device=device).manual_seed(seed)
+
+
 def generate_steps(
     model,
     input_ids: torch.Tensor,
@@ -208,8 +219,7 @@ def generate_steps(
     b, t = input_ids.shape
     if config.stop_strings and tokenizer is None:
         raise ValueError("stop_strings need a tokenizer: pass tokenizer= (or use the processor's)")
-    if config.do_sample and generator is None and config.seed is not None:
-        generator = torch.Generator(device=input_ids.device).manual_seed(config.seed)
+    generator = sampling_generator(model, config, generator, input_ids.device)
     logits, state = prefill(
         model,
         input_ids,

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..cache import KVCache
+from ..collectives import reduce_sum
 from ..config import IdeficsConfig
 from .layout import dense, fused_weight, project
 from .rope import apply_rotary
@@ -21,6 +22,8 @@ class IdeficsAttention(nn.Module):
         self.o_proj = nn.Linear(d, d, bias=False)
         self.dropout = config.dropout
         self.qkv_packed: torch.Tensor | None = None  # see layout.py
+        # Tensor parallelism (idefics.parallel): this rank's heads only, o_proj's partial sums added over the group.
+        self.tp_group = None
 
     def forward(
         self,
@@ -32,7 +35,7 @@ class IdeficsAttention(nn.Module):
         layer_idx: int = 0,
     ) -> torch.Tensor:
         """x (b, t, d); rope cos/sin (b, t, 1, hd); bool mask (b, 1, t, T) or None for plain causal."""
-        b, t, d = x.shape
+        b, t, _ = x.shape
         h, hd = self.num_heads, self.head_dim
         cos, sin = rope
         packed = fused_weight(self.qkv_packed, self.q_proj, self.k_proj, self.v_proj)
@@ -51,4 +54,4 @@ class IdeficsAttention(nn.Module):
                 k, v = k[:, :, : mask.shape[-1]], v[:, :, : mask.shape[-1]]
         dropout = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None and t > 1)
-        return project(self.o_proj, y.transpose(1, 2).reshape(b, t, d))
+        return reduce_sum(project(self.o_proj, y.transpose(1, 2).reshape(b, t, h * hd)), self.tp_group)

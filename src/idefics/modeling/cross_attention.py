@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..collectives import reduce_sum
 from ..config import IdeficsConfig
 from .layers import IdeficsMLP, IdeficsRMSNorm, dropout
 from .layout import project
@@ -31,6 +32,7 @@ class IdeficsCrossAttention(nn.Module):
             self.q_layer_norm = IdeficsRMSNorm(self.head_dim, eps=config.rms_norm_eps)
             self.k_layer_norm = IdeficsRMSNorm(self.head_dim, eps=config.rms_norm_eps)
         self.dropout = config.dropout
+        self.tp_group = None  # tensor parallelism: as in IdeficsAttention (image K/V of this rank's heads only)
 
     def project_image(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """image (b, n*s, d_img) -> keys, values (b, h, n*s, hd)."""
@@ -43,13 +45,14 @@ class IdeficsCrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, image_kv: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
         """x (b, t, d); image_kv (b, h, n*s, hd) x2; bool mask (b, 1, t, n*s) -> (b, t, d)."""
-        b, t, d = x.shape
+        b, t, _ = x.shape
         q = project(self.q_proj, x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (b, h, t, hd)
         if self.qk_layer_norms:
             q = self.q_layer_norm(q)
         dropout = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, *image_kv, attn_mask=mask, dropout_p=dropout)  # (b, h, t, hd)
-        return project(self.o_proj, y.transpose(1, 2).reshape(b, t, d))
+        y = y.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim)  # (b, t, h*hd)
+        return reduce_sum(project(self.o_proj, y), self.tp_group)
 
 
 class IdeficsGatedCrossAttentionLayer(nn.Module):

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..collectives import gather_vocab
 from .layout import dense, project
 
 
@@ -40,9 +41,13 @@ class IdeficsDecoupledLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=not frozen)
         if out_additional_features > 0:
             self.additional_fc = nn.Linear(in_features, out_additional_features, bias=False)
+        # Tensor parallelism (idefics.parallel): `weight` holds this rank's rows of the regular vocabulary, the
+        # additional rows are whole on every rank, and the shards' logits are gathered (widths `tp_sizes`).
+        self.tp_group = None
+        self.tp_sizes: tuple[int, ...] = ()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = dense(x, self.weight)  # (..., vocab)
+        logits = gather_vocab(dense(x, self.weight), self.tp_group, self.tp_sizes)  # (..., vocab)
         if self.out_additional_features > 0:
             logits = torch.cat([logits, project(self.additional_fc, x)], dim=-1)  # (..., vocab + additional)
         return logits

@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..collectives import reduce_sum
 from .layout import dense, fused_weight, project
 
 ACT_FNS = {
@@ -48,10 +49,13 @@ class IdeficsMLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
         self.act_fn = ACT_FNS[hidden_act]
         self.gate_up_packed: torch.Tensor | None = None  # see layout.py
+        self.tp_group = None  # tensor parallelism: this rank's share of f, down_proj's partial sums added
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         packed = fused_weight(self.gate_up_packed, self.gate_proj, self.up_proj)
         if packed is not None:
             gate, up = dense(x, packed).chunk(2, dim=-1)  # (..., f) x2
-            return project(self.down_proj, self.act_fn(gate) * up)
-        return project(self.down_proj, self.act_fn(project(self.gate_proj, x)) * project(self.up_proj, x))
+            hidden = self.act_fn(gate) * up
+        else:
+            hidden = self.act_fn(project(self.gate_proj, x)) * project(self.up_proj, x)
+        return reduce_sum(project(self.down_proj, hidden), self.tp_group)

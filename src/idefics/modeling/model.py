@@ -282,13 +282,18 @@ class IdeficsModel(PretrainedMixin, nn.Module):
             x = self._run(layer, x, rope, mask, kv, i) if kv is not None else self._run(layer, x, rope, mask)
         return x
 
+    @property
+    def num_heads(self) -> int:
+        """Attention heads this process computes (and caches): all of them, or its share under tensor parallelism."""
+        return self.layers[0].self_attn.num_heads
+
     def new_cache(self, *, batch_size: int, capacity: int) -> IdeficsCache:
         """An empty cache for `batch_size` rows with room for `capacity` positions (it grows if needed)."""
         c = self.config
         kv = KVCache(
             num_layers=c.num_hidden_layers,
             batch_size=batch_size,
-            num_heads=c.num_attention_heads,
+            num_heads=self.num_heads,
             head_dim=c.head_dim,
             capacity=capacity,
             dtype=self.dtype,

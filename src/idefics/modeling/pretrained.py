@@ -12,6 +12,7 @@ from torch import nn
 
 from ..config import CONFIG_NAME, IdeficsConfig
 from ..loading import TensorSink, load_checkpoint, resolve_pretrained_dir, save_checkpoint
+from ..parallel import TensorParallel, TensorParallelError, apply_plan, join, local_device
 from ..quantization import QuantizationConfig, QuantizationError, QuantizedLinear, quantize_model
 from ..quantization.swap import METADATA_PATTERN, finish_loading
 
@@ -88,6 +89,7 @@ class PretrainedMixin:
     checkpoint_prefix: str = ""
     name_or_path: str | None = None  # the folder or hub id `from_pretrained` read (an adapter's base model)
     quantization_config: QuantizationConfig | None = None  # how `from_pretrained` quantised the Linear layers
+    tensor_parallel: TensorParallel | None = None  # the group whose ranks share the weights (`tp_plan`)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -131,6 +133,7 @@ class PretrainedMixin:
         merge: bool = False,
         quantize: str | QuantizationConfig | None = None,
         group_size: int = 128,
+        tp_plan: str | None = None,
     ):
         """Load a checkpoint from a local folder or a hub id (the local hub cache works offline).
 
@@ -143,6 +146,11 @@ class PretrainedMixin:
         while loading, tensor by tensor, never holding the full-precision model (see `idefics.quantization`). A
         checkpoint saved quantised loads quantised without it. Quantised layers use the kernels of the device they
         are loaded on: pass `device=` rather than moving the model afterwards.
+
+        `tp_plan="auto"` (under `torchrun --nproc_per_node=N`) shards the decoder, the gated layers and the LM head
+        over the N processes (`idefics.parallel`): each rank reads only its slices of the checkpoint and holds 1/N
+        of those weights; every rank then runs the same calls (generate, the engine) and gets the same results.
+        The device defaults to the rank's GPU (LOCAL_RANK) where CUDA is available.
         """
         if (adapter is not None or merge) and not hasattr(cls, "load_adapter"):
             raise TypeError(f"{cls.__name__} takes no adapter; load it into IdeficsForVisionText2Text")
@@ -164,8 +172,23 @@ class PretrainedMixin:
         quantization, stored_quantized = _requested_quantization(quantize, group_size, directory)
         if quantization is not None and merge:
             raise QuantizationError("merge=True folds an adapter into full-precision weights; load without quantize=")
+        tp = None
+        if tp_plan is not None:
+            if tp_plan != "auto":
+                raise TensorParallelError(f"tp_plan must be 'auto' or None, got {tp_plan!r}")
+            if stored_quantized:
+                raise TensorParallelError(
+                    f"{directory} is stored quantised, and quantised weights cannot be sliced per rank: load the "
+                    "full-precision checkpoint with tp_plan='auto' and quantize="
+                )
+            device = local_device(device)
+            tp = join(device)
+            settings = dict(config=config.to_dict(), dtype=str(dtype), device=device.type, cls=cls.__name__,
+                            quantize=quantization.to_dict() if quantization is not None else None)  # fmt: skip
+            tp.check_same(settings, "model settings (config, dtype, device type, quantize)")
         with torch.device("meta"):
             model = cls(config)
+        sharded = apply_plan(model, tp) if tp is not None else {}
         if quantization is not None:
             quantize_model(model, quantization, device=device or "cpu")
         target: nn.Module = model
@@ -174,7 +197,8 @@ class PretrainedMixin:
             target = nn.Module()  # a parent so that the module's keys gain the full-model prefix
             setattr(target, cls.checkpoint_prefix.rstrip("."), model)
             ignored.append(r"^(?!" + cls.checkpoint_prefix.replace(".", r"\.") + ")")  # e.g. lm_head.* for the backbone
-        options = dict(dtype=dtype, device=device, strict=strict, ignore_unexpected=ignored)
+        slices = {f"{name}.weight": sharded[m] for name, m in target.named_modules() if m in sharded}
+        options = dict(dtype=dtype, device=device, strict=strict, ignore_unexpected=ignored, slices=slices)
         if stored_quantized:
             options["keep_fp32"] = [METADATA_PATTERN]
         elif quantization is not None:
@@ -183,6 +207,7 @@ class PretrainedMixin:
         if stored_quantized:
             finish_loading(model)
         model.quantization_config = quantization
+        model.tensor_parallel = tp
         for module in model.modules():
             if hasattr(module, "reset_buffers"):
                 module.reset_buffers(device or "cpu")
@@ -212,6 +237,11 @@ class PretrainedMixin:
             raise ValueError(
                 "an unmerged LoRA adapter is attached: save_adapter() writes it; call merge_adapter() first to save "
                 "the model with it folded in, or delete_adapter() to save the base model"
+            )
+        if self.tensor_parallel is not None and self.tensor_parallel.size > 1 and state_dict is None:
+            raise TensorParallelError(
+                f"this model's weights are sharded over {self.tensor_parallel.size} processes (tp_plan): one rank "
+                "holds a part of them; load the checkpoint without tp_plan to save it"
             )
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)

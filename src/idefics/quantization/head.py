@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..collectives import gather_vocab
 from .int8 import Int8Linear
 
 
@@ -24,19 +25,21 @@ class Int8Head(Int8Linear):
         self.out_additional_features = additional_fc.out_features if additional_fc is not None else 0
         if additional_fc is not None:
             self.additional_fc = additional_fc  # kept as it is, full precision
+        self.tp_group, self.tp_sizes = None, ()  # tensor parallelism: as in IdeficsDecoupledLinear
 
     @classmethod
     def from_head(cls, head: nn.Module) -> Int8Head:
         """The int8 counterpart of an `IdeficsDecoupledLinear` (still empty when `head` is on the meta device)."""
         weight = head.weight
         layer = cls(head.in_features, head.out_features, getattr(head, "additional_fc", None), device=weight.device)
+        layer.tp_group, layer.tp_sizes = getattr(head, "tp_group", None), getattr(head, "tp_sizes", ())
         if not weight.is_meta:
             layer.quantize_(weight.detach())
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., d) -> logits (..., vocab + additional) in x's dtype."""
-        logits = super().forward(x)  # (..., vocab)
+        logits = gather_vocab(super().forward(x), self.tp_group, self.tp_sizes)  # (..., vocab)
         if self.out_additional_features > 0:
             logits = torch.cat([logits, self.additional_fc(x).to(logits.dtype)], dim=-1)
         return logits

@@ -32,7 +32,7 @@ class SlotCache:
     def __init__(self, model, *, num_slots: int, max_len: int, max_images: int):
         c = model.config
         dtype, device = model.dtype, model.device  # the activations' (embeddings') dtype; an int8 LM head's is int8
-        h, hd = c.num_attention_heads, c.head_dim
+        h, hd = model.model.num_heads, c.head_dim  # this rank's heads under tensor parallelism
         self.num_slots, self.max_len, self.max_images = num_slots, max_len, max_images
         self.image_tokens = image_tokens_per_image(c)  # s
         m = max_images * self.image_tokens
@@ -54,7 +54,7 @@ class SlotCache:
         """What one slot's buffers take: self-attention K/V for `max_len` positions in every decoder layer and image
         K/V for `max_images` images in every gated layer (plus its image mask)."""
         c = model.config
-        width = c.num_attention_heads * c.head_dim * model.dtype.itemsize  # bytes per position per K
+        width = model.model.num_heads * c.head_dim * model.dtype.itemsize  # bytes per position per K (this rank's)
         m = max_images * image_tokens_per_image(c)
         return 2 * width * (c.num_hidden_layers * max_len + c.num_cross_layers * m) + m
 

@@ -7,13 +7,14 @@ torchrun's variables everything here is a no-op on one process.
 
 from __future__ import annotations
 
-import gc
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from ..parallel import leave
 
 
 @dataclass(frozen=True)
@@ -51,15 +52,10 @@ def setup(device: str | None = None) -> World:
 
 
 def teardown(world: World) -> None:
-    """Leave the process group once every process is done (the first one may still be writing the final files).
-
-    The sharded model's reference cycles are collected first: objects that still hold the group at interpreter exit
-    let gloo's worker threads be destroyed during finalisation, which aborts the process ("terminate called without
-    an active exception", about one run in ten here)."""
-    if world.distributed and dist.is_initialized():
-        gc.collect()
-        dist.barrier()
-        dist.destroy_process_group()
+    """Leave the process group once every process is done (the first one may still be writing the final files);
+    see `idefics.parallel.leave` (gloo aborted at exit about one run in ten without its collection of cycles)."""
+    if world.distributed:
+        leave()
 
 
 def barrier(world: World) -> None:

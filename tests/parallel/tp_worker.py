@@ -20,14 +20,16 @@ from idefics import IdeficsForVisionText2Text  # noqa: E402
 from idefics.quantization import weight_bytes  # noqa: E402
 
 
-def run(model, config: dict) -> dict[str, torch.Tensor]:
-    """Every output the tests compare, from one model (sharded or not)."""
+def run(model, config: dict, *, compile: bool = False) -> dict[str, torch.Tensor]:
+    """Every output the tests compare, from one model (sharded or not); with `compile`, greedy compiled too."""
     input_ids, attention_mask, pixel_values, image_attention_mask = make_batch(config)
     inputs = dict(attention_mask=attention_mask, pixel_values=pixel_values, image_attention_mask=image_attention_mask)
     with torch.inference_mode():
         logits = model(input_ids, **inputs).logits
     common = dict(max_new_tokens=6, eos_token_id=[1], pad_token_id=0)
+    compiled = {"compiled": model.generate(input_ids, **inputs, **common, compile=True)} if compile else {}
     return {
+        **compiled,
         "logits": logits,
         "greedy": model.generate(input_ids, **inputs, **common),
         "beam": model.generate(input_ids, **inputs, **common, num_beams=3),
@@ -40,12 +42,13 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", nargs="+", required=True)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--compile", action="store_true", help="also greedy with compile=True (first model only)")
     args = parser.parse_args()
     out = Path(args.out)
-    for folder in args.models:
+    for i, folder in enumerate(args.models):
         model = IdeficsForVisionText2Text.from_pretrained(folder, tp_plan="auto")
         config = json.loads((Path(folder) / "config.json").read_text())
-        results = run(model, config)
+        results = run(model, config, compile=args.compile and i == 0)
         rank = dist.get_rank()
         other = {k: v.clone() for k, v in results.items() if k == "sampled_unseeded"}
         gathered = [torch.empty_like(other["sampled_unseeded"]) for _ in range(dist.get_world_size())]

@@ -34,11 +34,22 @@ import torch
 CPU_OPTIONS = {"freezing": True, "cpp_wrapper": True}
 
 
-def compile_options(device: torch.device) -> dict:
-    """Inductor options for a decode step on `device` (IDEFICS_COMPILE_OPTIONS=none turns them off, for A/B runs)."""
+def compile_options(device: torch.device, *, collectives: bool = False) -> dict:
+    """Inductor options for a decode step on `device` (IDEFICS_COMPILE_OPTIONS=none turns them off, for A/B runs).
+    A step that runs collectives (a tensor-parallel model) keeps Python's wrapper: Inductor's C++ wrapper cannot call
+    them (torch 2.13: "arg type Any is not yet supported by custom_op_wrapper")."""
     if device.type != "cpu" or os.environ.get("IDEFICS_COMPILE_OPTIONS") == "none":
         return {}
-    return dict(CPU_OPTIONS)
+    options = dict(CPU_OPTIONS)
+    if collectives:
+        del options["cpp_wrapper"]
+    return options
+
+
+def runs_collectives(model: torch.nn.Module) -> bool:
+    """Whether `model`'s forward runs collectives: its weights are sharded over several processes."""
+    tp = getattr(model, "tensor_parallel", None)
+    return tp is not None and tp.size > 1
 
 
 def dynamic_span(device: torch.device) -> bool:
@@ -47,12 +58,12 @@ def dynamic_span(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
-def compile_step(fn: Callable, device: torch.device) -> Callable:
+def compile_step(fn: Callable, device: torch.device, *, collectives: bool = False) -> Callable:
     """`fn` compiled for `device`. The options are set as Inductor's configuration around each call rather than
     passed as `torch.compile(options=)`: Dynamo reads `freezing` when it traces (to keep parameters as attributes
     of the graph), before those per-call options apply, and without it the frozen graph is as slow as unfrozen."""
     compiled = torch.compile(fn, fullgraph=True, dynamic=None if dynamic_span(device) else False)
-    options = compile_options(device)
+    options = compile_options(device, collectives=collectives)
     if not options:
         return compiled
 
@@ -87,16 +98,16 @@ class FrozenWeights:
 
 
 FROZEN = FrozenWeights()  # one record per process: a reset clears every compiled step
-_COMPILED: dict[tuple[Callable, str], Callable] = {}
+_COMPILED: dict[tuple[Callable, str, bool], Callable] = {}
 
 
 def compiled_for(fn: Callable, model: torch.nn.Module, device: torch.device) -> Callable:
-    """`fn` compiled once per process and device type (Dynamo specialises it per model and shape), after checking
-    that the weights a frozen graph of `model` baked in are still the model's."""
+    """`fn` compiled once per process, device type and whether the model runs collectives (Dynamo specialises it per
+    model and shape), after checking that the weights a frozen graph of `model` baked in are still the model's."""
     FROZEN.check(model, device)
-    key = (fn, device.type)
+    key = (fn, device.type, runs_collectives(model))
     if key not in _COMPILED:
-        _COMPILED[key] = compile_step(fn, device)
+        _COMPILED[key] = compile_step(fn, device, collectives=key[2])
     return _COMPILED[key]
 
 

@@ -184,3 +184,19 @@ def test_loader_reads_row_and_column_slices(tmp_path, bf16):
         load_checkpoint(model, folder, dtype=dtype, slices={"a.weight": (1, 5, 10), "b.weight": (0, 3, 6)})
         assert torch.equal(model.a.weight, a[:, 5:].to(dtype or torch.float32))
         assert torch.equal(model.b.weight, b[3:6].to(dtype or torch.float32))
+
+
+def test_engine_under_load_gives_each_request_its_one_process_tokens(tmp_path, reference_checkpoints):
+    from tp_engine_worker import REQUESTS, encoded
+
+    folder = reference_checkpoints(MODELS[0])[1]
+    result = torchrun(str(HERE / "tp_engine_worker.py"), str(folder), str(tmp_path / "tokens.json"))
+    assert result.returncode == 0, result.stderr[-4000:]
+    got = json.loads((tmp_path / "tokens.json").read_text())
+    model = IdeficsForVisionText2Text.from_pretrained(folder)
+    for i, (seed, length, images, max_tokens) in enumerate(REQUESTS):
+        prompt = encoded(seed, length, images)
+        extra = {k: v for k, v in prompt.items() if k != "input_ids"}
+        out = model.generate(prompt["input_ids"], max_new_tokens=max_tokens, **extra)[0, length:].tolist()
+        expected = out[: out.index(2) + 1] if 2 in out else out
+        assert got[i] == expected, f"request {i}"

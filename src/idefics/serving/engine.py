@@ -10,6 +10,11 @@ tokenised and their images preprocessed in the submitting thread, so bad input f
 The decode step is eager over exactly the positions in use on CPU. With `compile` it has fixed shapes per
 (batch bucket, length bucket), every image slot read: torch.compile'd with `compile=True`, and captured as a CUDA
 graph per bucket on CUDA (`compile="auto"` captures the eager fixed-shape step there, without compiling).
+
+On a tensor-parallel model (`from_pretrained(tp_plan="auto")`) one scheduler runs, on rank 0: the engine there
+broadcasts each model-state operation (allocate, prefill, load, decode, release) before running it, and every
+other rank runs `follow()`, which replays them on its shards (replicas.py). Sampling, grammar-free stop logic and
+streams exist on rank 0 only; only rank 0 accepts requests.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from .metrics import EngineMetrics
 from .openmp import release_openmp_team
 from .params import ContextLengthError, EngineDraining, SamplingParams
 from .prefill import Prefilled, padded_tokens, prefill_batch
+from .replicas import Channel, decode_requests, encode_requests, heartbeat_interval
 from .requests import Request, RequestStream, Row, make_deltas
 from .sampler import choose, top_logprobs
 from .scheduler import Scheduler
@@ -112,6 +118,13 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._draining = self._stopping = self._abort = False
         self._ids = itertools.count()
+        tp = getattr(model, "tensor_parallel", None)
+        self._channel: Channel | None = None  # rank 0 of a tensor-parallel model: where operations are broadcast
+        self.follower = False  # another rank: `follow()` replays rank 0's operations
+        if tp is not None and tp.size > 1:
+            settings = dict(dataclasses.asdict(config), num_slots=num_slots, max_model_len=self.max_model_len)
+            tp.check_same(settings, "engine settings")
+            self._channel, self.follower = (Channel(tp), False) if tp.is_main else (Channel(tp), True)
 
     # -- lifecycle --------------------------------------------------------------------------------------------------
     def start(self) -> Engine:
@@ -150,11 +163,14 @@ class Engine:
             self._thread.join(timeout)
         else:
             self._cancel_all()
+            self.close_replicas()
 
     # -- submission -------------------------------------------------------------------------------------------------
     def submit(self, prompt, params: SamplingParams | None = None, *, request_id: str | None = None) -> RequestStream:
         """Queue a request; see the API notes in `idefics.serving`. Raises ValueError, ContextLengthError,
         EngineOverloaded or EngineDraining."""
+        if self.follower:
+            raise RuntimeError("this rank replays rank 0's engine (follow()); submit requests on rank 0")
         if self._draining:
             raise EngineDraining("the engine is shutting down and accepts no new requests")
         params = params if params is not None else SamplingParams()
@@ -205,16 +221,87 @@ class Engine:
 
     # -- the engine thread ------------------------------------------------------------------------------------------
     def _loop(self) -> None:
+        wait = heartbeat_interval() if self._channel is not None else None
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: self._rows or self.scheduler.waiting or self._stopping or self._cancelled)
+                work = lambda: self._rows or self.scheduler.waiting or self._stopping or self._cancelled  # noqa: E731
+                busy = self._cond.wait_for(work, timeout=wait)
                 if self._abort or (self._stopping and not self._rows and not self.scheduler.waiting):
                     break
+            if not busy:  # idle on a tensor-parallel model: tell the other ranks rank 0 is alive
+                self._channel.send("heartbeat")
+                continue
             try:
                 self.step()
             except Exception as err:  # a bug must not leave streams waiting forever: end what was running
                 self._fail_running(f"{type(err).__name__}: {err}")
         self._cancel_all()
+        self.close_replicas()
+
+    def close_replicas(self) -> None:
+        """Tell the other ranks of a tensor-parallel model that this engine is done (their `follow()` returns)."""
+        if self._channel is not None and not self.follower:
+            self._channel.send("stop")
+            self._channel = None
+
+    # -- the other ranks of a tensor-parallel model --------------------------------------------------------------
+    def follow(self) -> None:
+        """Replay rank 0's operations on this rank's shards until rank 0's engine stops (see replicas.py). An
+        operation that fails here failed on rank 0 too (the same inputs): it is skipped, as rank 0 skips it."""
+        if not self.follower:
+            raise RuntimeError("follow() runs on the ranks other than 0 of a tensor-parallel model")
+        batch = None
+        while True:
+            op, args, tensors = self._channel.receive()
+            if op == "stop":
+                return
+            try:
+                if op == "allocate":
+                    self._allocate(args["n"])
+                elif op == "prefill":
+                    batch = self._prefill(decode_requests(args["requests"], tensors, self.device))
+                elif op == "load":
+                    self._load(args["slot"], batch, args["length"], args["row"], args["offset"], args["images"])
+                elif op == "decode":
+                    self._forward(args["tokens"], args["lengths"], args["b"], args["length"], args["images"])
+                elif op == "release":
+                    self._release(args["slot"])
+            except Exception as err:  # noqa: BLE001
+                print(f"idefics engine rank {self._channel.tp.rank}: {op} failed: {type(err).__name__}: {err}",
+                      file=sys.stderr)  # fmt: skip
+
+    # -- model-state operations (broadcast to the other ranks first, on a tensor-parallel model) ---------------------
+    def _broadcast(self, op: str, args: dict, tensors: list[torch.Tensor] = ()) -> None:
+        if self._channel is not None and not self.follower:
+            self._channel.send(op, args, tensors)
+
+    def _allocate(self, n: int) -> list[int]:
+        self._broadcast("allocate", {"n": n})
+        return self.slots.allocate(n)
+
+    def _prefill(self, requests: list[Request]) -> Prefilled:
+        if self._channel is not None and not self.follower:
+            fields, tensors = encode_requests(requests)
+            self._broadcast("prefill", {"requests": fields}, tensors)
+        return prefill_batch(self.model, requests)
+
+    def _load(self, slot: int, batch: Prefilled, length: int, row: int, offset: int, images: int) -> None:
+        self._broadcast("load", {"slot": slot, "length": length, "row": row, "offset": offset, "images": images})
+        self.slots.load(slot, batch.state, length, row=row, offset=offset, images=images)
+
+    def _release(self, slot: int) -> None:
+        self._broadcast("release", {"slot": slot})
+        self.slots.release(slot)
+
+    @torch.inference_mode()
+    def _forward(self, tokens: list[int], lengths: list[int], b: int, length: int, images: int) -> torch.Tensor:
+        """Logits (b, v) of one decode step over slots 0..b-1: `tokens` written at positions `lengths`."""
+        self._broadcast("decode", {"tokens": tokens, "lengths": lengths, "b": b, "length": length, "images": images})
+        self.slots.positions.copy_(torch.tensor(lengths))  # free slots write (unread) at position 0
+        token_tensor = torch.tensor(tokens, device=self.device)
+        if self.static:
+            return self._static_step(b, length)(token_tensor)
+        return slot_decode(self.model, self.slots, token_tensor, b, length, images)  # (B, v)
 
     def step(self) -> bool:
         """One iteration: cancellations, one decode step over the running rows, admissions. The engine thread
@@ -252,14 +339,14 @@ class Engine:
         if not requests:
             return
         try:
-            batch = prefill_batch(self.model, requests)
+            batch = self._prefill(requests)
         except Exception:  # one bad request must not fail the others: prefill each alone to find it
             if len(requests) == 1:
                 self._fail_prefill(requests[0])
                 return
             for request in requests:
                 try:
-                    self._start([request], prefill_batch(self.model, [request]))
+                    self._start([request], self._prefill([request]))
                 except Exception:
                     self._fail_prefill(request)
             return
@@ -279,10 +366,10 @@ class Engine:
             with self.metrics.lock:
                 self.metrics.prompt_tokens_total += t
             with self._cond:
-                slots = self.slots.allocate(request.params.n)
+                slots = self._allocate(request.params.n)
                 self._running_requests += 1
             for index, slot in enumerate(slots):
-                self.slots.load(slot, batch.state, t, row=i, offset=batch.offsets[i], images=batch.images[i])
+                self._load(slot, batch, t, i, batch.offsets[i], batch.images[i])
                 self.seen[slot] = False
                 self.seen[slot, request.input_ids[0]] = True
                 p = request.params
@@ -306,13 +393,8 @@ class Engine:
         tokens = [0] * b
         for s in slots:
             tokens[s] = self._rows[s].tokens[-1]
-        self.slots.positions.copy_(torch.tensor(lengths))  # free slots write (unread) at position 0
-        token_tensor = torch.tensor(tokens, device=self.device)
         try:
-            if self.static:
-                logits = self._static_step(b, length)(token_tensor)
-            else:
-                logits = slot_decode(self.model, self.slots, token_tensor, b, length, images)  # (B, v)
+            logits = self._forward(tokens, list(lengths), b, length, images)  # (B, v)
         except Exception as err:
             self._fail_running(f"{type(err).__name__}: {err}")
             return
@@ -393,7 +475,7 @@ class Engine:
         now = now if now is not None else time.perf_counter()
         del self._rows[row.slot]
         with self._cond:
-            self.slots.release(row.slot)
+            self._release(row.slot)
             if not any(r.request is row.request for r in self._rows.values()):
                 self._running_requests -= 1
         self.metrics.finished(reason)

@@ -1,0 +1,79 @@
+"""Start the other ranks of a tensor-parallel group from this process (`idefics serve / eval
+--tensor-parallel-size N`), as vLLM does: torch.multiprocessing spawns ranks 1..N-1 and this process becomes rank 0.
+
+Each rank gets torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), so the code it runs
+is the code that runs under torchrun. The spawned ranks ignore SIGINT and SIGTERM (rank 0 receives them, drains and
+then tells them to stop) and are killed by the kernel if rank 0 dies (PR_SET_PDEATHSIG), so no process outlives it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import socket
+from collections.abc import Callable
+
+import torch.multiprocessing as mp
+
+from .world import TensorParallelError
+
+PR_SET_PDEATHSIG = 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, environment: dict[str, str], fn: Callable, args: tuple) -> None:
+    os.environ.update(environment, RANK=str(rank), LOCAL_RANK=str(rank))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:  # Linux: die with rank 0
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != int(environment["IDEFICS_RANK0_PID"]):
+        os._exit(1)  # rank 0 died before the death signal was armed
+    fn(*args)
+
+
+class Ranks:
+    """The spawned ranks 1..N-1: `join()` waits for them (after rank 0 told them to stop)."""
+
+    def __init__(self, processes: list):
+        self.processes = processes
+
+    def join(self, timeout: float | None = None) -> list[int | None]:
+        """Wait for every spawned rank; returns their exit codes (None for one still running after `timeout`)."""
+        for process in self.processes:
+            process.join(timeout)
+        return [p.exitcode for p in self.processes]
+
+    def kill(self) -> None:
+        for process in self.processes:
+            if process.is_alive():
+                process.kill()
+        self.join()
+
+
+def spawn_ranks(size: int, fn: Callable, *args) -> Ranks:
+    """Make this process rank 0 of a group of `size` on this machine and spawn ranks 1..size-1 running fn(*args)
+    (a module-level function: the spawned interpreters import it). The caller then joins the group itself."""
+    if size < 2:
+        raise TensorParallelError(f"spawn_ranks needs a group of at least 2 processes, got {size}")
+    if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise TensorParallelError("already one of several processes (torchrun): do not ask for a tensor-parallel size")
+    environment = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(size),
+                       IDEFICS_RANK0_PID=str(os.getpid()))  # fmt: skip
+    os.environ.update(environment, RANK="0", LOCAL_RANK="0")
+    context = mp.get_context("spawn")
+    processes = [
+        context.Process(target=_rank_main, args=(rank, environment, fn, args), name=f"idefics-rank{rank}", daemon=False)
+        for rank in range(1, size)
+    ]
+    for process in processes:
+        process.start()
+    return Ranks(processes)

@@ -6,6 +6,12 @@
 The server keeps no state between requests: run more replicas (same --served-model-name) behind any HTTP load
 balancer to scale out. SIGTERM drains: /health turns 503, new requests get 503, requests in flight finish, then the
 process exits 0 (a second SIGTERM or SIGINT stops at once).
+
+    idefics serve --model HuggingFaceM4/idefics-80b-instruct --tensor-parallel-size 8   # one model on 8 GPUs
+    torchrun --nproc_per_node=8 -m idefics serve --model ...                         # the same, torchrun's ranks
+
+With tensor parallelism this process is rank 0: it serves HTTP and runs the engine's scheduler, and it starts the
+other ranks itself (or torchrun does), which follow its engine; SIGTERM drains, then every rank exits.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import sys
 from pathlib import Path
 
 from .errors import UserError
-from .generate import DTYPES, add_quantize_arguments, device_and_dtype, load_model
+from .generate import DTYPES, add_quantize_arguments, device_and_dtype, load_model, under_torchrun
 
 DEMO_MODEL_NAME = "idefics-demo"
 
@@ -41,6 +47,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--dtype", choices=["auto", *DTYPES], help="default: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on GPU)")
     add_quantize_arguments(p)
+    add_tensor_parallel_argument(p)
     p.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together (decode slots)")
     p.add_argument("--cache-memory", type=float, metavar="GIB",
                    help="memory for the K/V cache: as many slots as fit, at most --max-batch-size")  # fmt: skip
@@ -58,6 +65,24 @@ def add_parser(subparsers) -> None:
     p.add_argument("--allowed-local-media-path", metavar="DIR", help="serve file:// image URLs from inside DIR")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=run)
+
+
+def add_tensor_parallel_argument(p) -> None:
+    """--tensor-parallel-size (serve and eval)."""
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="N",
+                   help="shard the model over N processes (one GPU each; gloo on CPU), started by this one; under "
+                   "torchrun the size is torchrun's --nproc_per_node")  # fmt: skip
+
+
+def tensor_parallel_size(args: argparse.Namespace) -> int:
+    """The checked --tensor-parallel-size: 1 means none (or torchrun's group, which needs no flag)."""
+    size = args.tensor_parallel_size
+    if size < 1:
+        raise UserError(f"--tensor-parallel-size must be at least 1, got {size}")
+    if size > 1 and under_torchrun():
+        raise UserError("--tensor-parallel-size starts its own processes: under torchrun leave it out "
+                        "(--nproc_per_node sets the size)")  # fmt: skip
+    return size
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -89,8 +114,8 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def build_engine(args: argparse.Namespace):
-    """The model, processor and (not yet started) engine from the flags."""
+def build_engine(args: argparse.Namespace, *, tp_plan: str | None = None):
+    """The model, processor and (not yet started) engine from the flags (the model sharded with `tp_plan`)."""
     from .. import DEMO_MODEL
     from ..processing import UrlPolicy
     from ..serving import Engine, EngineConfig
@@ -99,7 +124,7 @@ def build_engine(args: argparse.Namespace):
     if args.group_size < 1:
         raise UserError(f"--group-size must be at least 1, got {args.group_size}")
     model, processor = load_model(args.model or DEMO_MODEL, adapter=args.adapter, device=device, dtype=dtype,
-                                  quantize=args.quantize, group_size=args.group_size)  # fmt: skip
+                                  quantize=args.quantize, group_size=args.group_size, tp_plan=tp_plan)  # fmt: skip
     processor.image_processor.url_policy = UrlPolicy(enabled=False)  # the server loads images itself, checked
     try:
         config = EngineConfig(
@@ -115,15 +140,56 @@ def build_engine(args: argparse.Namespace):
         raise UserError(str(err)) from None
 
 
+def follow(args: argparse.Namespace) -> None:
+    """A rank other than 0: load this rank's shards and replay rank 0's engine until it stops."""
+    from ..parallel import leave
+
+    try:
+        engine, _ = build_engine(args, tp_plan="auto")
+    except UserError as err:
+        print(f"idefics serve: error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    engine.follow()
+    leave()
+
+
 def run(args: argparse.Namespace) -> int:
+    from ..parallel import leave
+    from ..parallel.launch import spawn_ranks
+
+    check_args(args)
+    size = tensor_parallel_size(args)
+    if under_torchrun() and os.environ.get("RANK", "0") != "0":
+        follow(args)
+        return 0
+    sock = listen(args.host, args.port)  # before any rank starts: a busy port fails at once
+    parallel = size > 1 or under_torchrun()
+    ranks = spawn_ranks(size, follow, args) if size > 1 else None
+    if ranks is not None:
+        ranks.watch()
+    try:
+        serve_http(args, sock, tp_plan="auto" if parallel else None)
+    except BaseException:  # e.g. a model that does not load: the other ranks cannot finish without this one
+        if ranks is not None:
+            ranks.kill()
+        raise
+    if ranks is not None:
+        ranks.stopping()
+    if parallel:
+        leave()
+    if ranks is not None:
+        ranks.join()
+    return 0
+
+
+def serve_http(args: argparse.Namespace, sock: socket.socket, *, tp_plan: str | None) -> None:
+    """Rank 0 (or the only process): the engine and the HTTP app on `sock`, until SIGTERM has drained them."""
     from ..processing.chat import END_OF_UTTERANCE
     from ..serving.app import ServerConfig, create_app
     from ..serving.media import MediaPolicy
     from ..serving.server import serve
 
-    check_args(args)
-    sock = listen(args.host, args.port)
-    engine, processor = build_engine(args)
+    engine, processor = build_engine(args, tp_plan=tp_plan)
     eou = processor.tokenizer.backend.token_to_id(END_OF_UTTERANCE)
     names = args.served_model_name or [args.model or DEMO_MODEL_NAME]
     config = ServerConfig(
@@ -146,4 +212,3 @@ def run(args: argparse.Namespace) -> int:
     shown = f"[{host}]" if ":" in host else host
     print(f"idefics serve: {names[0]} on http://{shown}:{port} (playground at /)", file=sys.stderr, flush=True)
     serve(app, engine=engine, sock=sock, log_level=args.log_level, drain_timeout=args.request_timeout)
-    return 0

@@ -12,6 +12,8 @@ import ctypes
 import os
 import signal
 import socket
+import sys
+import threading
 from collections.abc import Callable
 
 import torch.multiprocessing as mp
@@ -41,10 +43,27 @@ def _rank_main(rank: int, environment: dict[str, str], fn: Callable, args: tuple
 
 
 class Ranks:
-    """The spawned ranks 1..N-1: `join()` waits for them (after rank 0 told them to stop)."""
+    """The spawned ranks 1..N-1: `watch()` ends rank 0 if one of them dies before it is told to stop (its
+    collectives would otherwise wait for the dead rank until they time out), `join()` waits for them."""
 
     def __init__(self, processes: list):
         self.processes = processes
+        self._stopping = threading.Event()
+
+    def watch(self, interval: float = 0.2) -> None:
+        def run():
+            while not self._stopping.wait(interval):
+                for rank, process in enumerate(self.processes, start=1):
+                    if process.exitcode is not None and not self._stopping.is_set():
+                        print(f"idefics: rank {rank} of {len(self.processes) + 1} exited with code {process.exitcode}"
+                              "; stopping every rank", file=sys.stderr, flush=True)  # fmt: skip
+                        os._exit(1)  # the other ranks die with this process (PR_SET_PDEATHSIG)
+
+        threading.Thread(target=run, name="idefics-rank-watch", daemon=True).start()
+
+    def stopping(self) -> None:
+        """Rank 0 is shutting down: the ranks' exits from now on are expected."""
+        self._stopping.set()
 
     def join(self, timeout: float | None = None) -> list[int | None]:
         """Wait for every spawned rank; returns their exit codes (None for one still running after `timeout`)."""
@@ -53,6 +72,7 @@ class Ranks:
         return [p.exitcode for p in self.processes]
 
     def kill(self) -> None:
+        self._stopping.set()
         for process in self.processes:
             if process.is_alive():
                 process.kill()

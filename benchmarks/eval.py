@@ -33,7 +33,7 @@ from idefics.evaluation import EvalConfig, evaluate
 from idefics.evaluation.postprocess import clean_answer
 from idefics.evaluation.predictor import EnginePredictor, GeneratePredictor
 from idefics.evaluation.prompts import TEMPLATES
-from idefics.evaluation.run import load_sets, prompt_for, select_queries
+from idefics.evaluation.run import engine_config, load_sets, prompt_for, select_queries
 
 PRESETS = {"bench": dict(queries=32, shots=2, new_tokens=5), "tiny": dict(queries=6, shots=1, new_tokens=3)}
 
@@ -98,8 +98,8 @@ def main() -> None:
         engine_s = None
         if not args.no_engine:
             config.output, config.engine = str(Path(tmp) / "out-engine"), True
-            with EnginePredictor(ours, processor, max_new_tokens=new_tokens, max_batch_size=args.batch_size,
-                                 max_queue=4 * args.batch_size, max_images=shots + 1) as engine:  # fmt: skip
+            with EnginePredictor(ours, processor, max_new_tokens=new_tokens,
+                                 engine_config=engine_config(config)) as engine:  # fmt: skip
                 engine.params.min_tokens = new_tokens
                 evaluate(replace(warm, output=str(Path(tmp) / "warm-up-engine")), model=ours, processor=processor,
                          predict=engine)  # fmt: skip

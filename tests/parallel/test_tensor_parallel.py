@@ -200,3 +200,24 @@ def test_engine_under_load_gives_each_request_its_one_process_tokens(tmp_path, r
         out = model.generate(prompt["input_ids"], max_new_tokens=max_tokens, **extra)[0, length:].tolist()
         expected = out[: out.index(2) + 1] if 2 in out else out
         assert got[i] == expected, f"request {i}"
+
+
+def test_eval_with_two_ranks_predicts_what_one_process_does(tmp_path):
+    from idefics.cli import main
+    from idefics.demo.eval_sets import write_eval_sets
+
+    root = write_eval_sets(tmp_path / "sets", val=6, train=12, seed=0)
+    args = ["eval", "--task", "vqa", "--questions", str(root / "vqa/val_questions.json"),
+            "--annotations", str(root / "vqa/val_annotations.json"), "--images", str(root / "vqa/val"),
+            "--shots", "0,2", "--trials", "1", "--no-progress", "--batch-size", "4"]  # fmt: skip
+    assert main([*args, "--output", str(tmp_path / "one"), "--engine"]) == 0
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    command = [sys.executable, "-m", "idefics", *args, "--output", str(tmp_path / "two"), "--tensor-parallel-size", "2"]
+    two = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert two.returncode == 0, two.stderr[-4000:]
+
+    def predictions(folder):
+        rows = [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines()]
+        return sorted(json.dumps(row, sort_keys=True) for row in rows)
+
+    assert predictions(tmp_path / "two") == predictions(tmp_path / "one") and len(predictions(tmp_path / "one")) == 12

@@ -13,9 +13,12 @@ The default model is the demo model shipped with the package.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from .errors import UserError
+from .generate import under_torchrun
+from .serve import add_tensor_parallel_argument, tensor_parallel_size
 
 TEMPLATE_KEYS = ("base", "instruct")
 
@@ -61,6 +64,7 @@ def add_parser(subparsers) -> None:
     dec.add_argument("--batch-size", type=int, default=8)
     dec.add_argument("--num-beams", type=int, default=1, help="1 (default): greedy")
     dec.add_argument("--engine", action="store_true", help="generate through the continuous-batching engine (greedy)")
+    add_tensor_parallel_argument(dec)
     dec.add_argument("--max-new-tokens", type=int, help="default: 10 for VQA, 20 for captions")
     dec.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     dec.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
@@ -98,8 +102,12 @@ def read_templates(path: str, task: str) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     from ..evaluation import DataError, EvalConfig, evaluate, format_table
+    from ..evaluation.run import follow
     from ..loading import CheckpointError
+    from ..parallel import leave
+    from ..parallel.launch import as_rank0
 
+    size = tensor_parallel_size(args)
     templates = read_templates(args.templates, args.task) if args.templates else {}
     for name in ("images", "train_images"):
         folder = getattr(args, name)
@@ -139,8 +147,14 @@ def run(args: argparse.Namespace) -> int:
             device=args.device,
             dtype=args.dtype,
             progress=not args.no_progress,
+            tensor_parallel=size > 1 or under_torchrun(),
         )
-        metrics = evaluate(config)
+        if config.tensor_parallel and os.environ.get("RANK", "0") != "0":  # torchrun's other ranks
+            follow(config)
+            leave()
+            return 0
+        with as_rank0(size, follow, config, parallel=config.tensor_parallel):
+            metrics = evaluate(config)
     except (DataError, CheckpointError, OSError, RuntimeError) as err:
         raise UserError(str(err)) from None
     except ValueError as err:  # bad settings, a prompt too long for the model, ...

@@ -154,8 +154,7 @@ def follow(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..parallel import leave
-    from ..parallel.launch import spawn_ranks
+    from ..parallel.launch import as_rank0
 
     check_args(args)
     size = tensor_parallel_size(args)
@@ -164,21 +163,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     sock = listen(args.host, args.port)  # before any rank starts: a busy port fails at once
     parallel = size > 1 or under_torchrun()
-    ranks = spawn_ranks(size, follow, args) if size > 1 else None
-    if ranks is not None:
-        ranks.watch()
-    try:
+    with as_rank0(size, follow, args, parallel=parallel):
         serve_http(args, sock, tp_plan="auto" if parallel else None)
-    except BaseException:  # e.g. a model that does not load: the other ranks cannot finish without this one
-        if ranks is not None:
-            ranks.kill()
-        raise
-    if ranks is not None:
-        ranks.stopping()
-    if parallel:
-        leave()
-    if ranks is not None:
-        ranks.join()
     return 0
 
 

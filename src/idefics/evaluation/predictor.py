@@ -70,11 +70,11 @@ class EnginePredictor:
     """
 
     def __init__(self, model, processor, *, max_new_tokens: int, stop_strings: Sequence[str] = (),
-                 max_batch_size: int = 8, max_queue: int = 256, max_images: int = 33):  # fmt: skip
+                 engine_config=None):  # fmt: skip
         from ..serving import Engine, EngineConfig, SamplingParams
 
         self.processor = processor
-        config = EngineConfig(max_batch_size=max_batch_size, max_queue=max_queue, max_images_per_request=max_images)
+        config = engine_config or EngineConfig(max_batch_size=8, max_queue=256, max_images_per_request=33)
         self.engine = Engine(model, processor, config).start()
         self.params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0, stop=list(stop_strings),
                                      stop_token_ids=end_token_ids(processor.tokenizer))  # fmt: skip

@@ -71,6 +71,8 @@ class EvalConfig:
     batch_size: int = 8  # rows generated together (the engine's decode slots with `engine`)
     num_beams: int = 1  # 1: greedy
     engine: bool = False  # generate through the continuous-batching engine (greedy only)
+    # the model sharded over this many processes (idefics.parallel): the engine runs on rank 0, the others follow
+    tensor_parallel: bool = False
     max_new_tokens: int | None = None  # default per task (MAX_NEW_TOKENS)
     prompt_style: str = "auto"  # "auto" (instruct when the tokenizer has <end_of_utterance>), "base", "instruct"
     template: str | None = None  # base-style template (see prompts.py); default per task
@@ -95,8 +97,13 @@ class EvalConfig:
             raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
         if self.zero_shot_text_examples < 0:
             raise ValueError(f"zero_shot_text_examples must be >= 0, got {self.zero_shot_text_examples}")
+        if self.tensor_parallel:
+            if self.task == "classification":
+                raise ValueError("classification scores the classes with forward passes on one process: evaluate it "
+                                 "without tensor parallelism")  # fmt: skip
+            self.engine = True  # the other ranks follow rank 0's engine
         if self.engine and self.num_beams > 1:
-            raise ValueError("the engine decodes greedily: use num_beams=1 with engine=True")
+            raise ValueError("the engine decodes greedily: use num_beams=1 with engine=True (and tensor parallelism)")
         if self.prompt_style not in ("auto", *STYLES):
             raise ValueError(f"prompt_style must be 'auto', 'base' or 'instruct', got {self.prompt_style!r}")
         required = {"vqa": ("questions", "images"), "caption": ("annotations", "images"),
@@ -111,7 +118,7 @@ class EvalConfig:
 
     def fingerprint(self) -> dict:
         """The settings the predictions depend on (not shots, trials, batch size, device or output)."""
-        skip = {"output", "shots", "trials", "batch_size", "engine", "device", "progress"}
+        skip = {"output", "shots", "trials", "batch_size", "engine", "tensor_parallel", "device", "progress"}
         return {k: v for k, v in asdict(self).items() if k not in skip}
 
 
@@ -221,12 +228,27 @@ def default_predictor(config: EvalConfig, model, processor, *, stops: list[str])
                                 stop_strings=stops)  # fmt: skip
         return
     with EnginePredictor(model, processor, max_new_tokens=max_new, stop_strings=stops,
-                         max_batch_size=config.batch_size, max_queue=ENGINE_CHUNK * config.batch_size,
-                         max_images=max(config.shots, default=0) + 1) as predictor:  # fmt: skip
+                         engine_config=engine_config(config)) as predictor:  # fmt: skip
         yield predictor
 
 
 ENGINE_CHUNK = 4  # with the engine, prompts go in chunks of this many batches, so that freed slots refill
+
+
+def engine_config(config: EvalConfig):
+    """The engine's settings for `config` (every rank of a tensor-parallel evaluation builds the same)."""
+    from ..serving import EngineConfig
+
+    return EngineConfig(max_batch_size=config.batch_size, max_queue=ENGINE_CHUNK * config.batch_size,
+                        max_images_per_request=max(config.shots, default=0) + 1)  # fmt: skip
+
+
+def follow(config: EvalConfig) -> None:
+    """A rank other than 0 of a tensor-parallel evaluation: load this rank's shards and replay rank 0's engine."""
+    from ..serving import Engine
+
+    model, processor = load(config)
+    Engine(model, processor, engine_config(config)).follow()
 
 
 def run_queries(config: EvalConfig, queries, support, classes, predict, *, model, processor, template, style,
@@ -309,7 +331,9 @@ def load(config: EvalConfig):
     dtype = dtypes.get(config.dtype) or (torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
     name = config.model or DEMO_MODEL
     quantization = dict(quantize=config.quantize, group_size=config.group_size) if config.quantize else {}
-    model = IdeficsForVisionText2Text.from_pretrained(name, dtype=dtype, device=device, **quantization).eval()
+    tp_plan = "auto" if config.tensor_parallel else None
+    model = IdeficsForVisionText2Text.from_pretrained(name, dtype=dtype, device=device, tp_plan=tp_plan,
+                                                      **quantization).eval()  # fmt: skip
     processor = IdeficsProcessor.from_pretrained(name)
     if config.adapter is not None:
         model.load_adapter(config.adapter)

@@ -14,11 +14,12 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch.multiprocessing as mp
 
-from .world import TensorParallelError
+from .world import TensorParallelError, leave
 
 PR_SET_PDEATHSIG = 1
 
@@ -40,6 +41,7 @@ def _rank_main(rank: int, environment: dict[str, str], fn: Callable, args: tuple
     if os.getppid() != int(environment["IDEFICS_RANK0_PID"]):
         os._exit(1)  # rank 0 died before the death signal was armed
     fn(*args)
+    leave()  # rank 0 leaves the group too once it is done
 
 
 class Ranks:
@@ -97,3 +99,26 @@ def spawn_ranks(size: int, fn: Callable, *args) -> Ranks:
     for process in processes:
         process.start()
     return Ranks(processes)
+
+
+@contextmanager
+def as_rank0(size: int, follower: Callable, *args, parallel: bool) -> Iterator[None]:
+    """Run the body as rank 0: with `size` > 1 spawn ranks 1..size-1 running follower(*args) first (a rank that dies
+    ends this process too). On success every rank leaves the group (when `parallel`: this process is in one, spawned
+    or torchrun's) and the spawned ones are joined; on an error they are killed, since they cannot finish without
+    this rank."""
+    ranks = spawn_ranks(size, follower, *args) if size > 1 else None
+    if ranks is not None:
+        ranks.watch()
+    try:
+        yield
+    except BaseException:
+        if ranks is not None:
+            ranks.kill()
+        raise
+    if ranks is not None:
+        ranks.stopping()
+    if parallel:
+        leave()
+    if ranks is not None:
+        ranks.join()

@@ -221,3 +221,22 @@ def test_eval_with_two_ranks_predicts_what_one_process_does(tmp_path):
         return sorted(json.dumps(row, sort_keys=True) for row in rows)
 
     assert predictions(tmp_path / "two") == predictions(tmp_path / "one") and len(predictions(tmp_path / "one")) == 12
+
+
+@pytest.mark.parametrize("scheme", ["int8"])
+def test_quantised_loading_composes_with_the_split(scheme, reference_checkpoints, tmp_path):
+    """Each rank quantises its own slices while loading: the logits keep int8's closeness to full precision, the
+    greedy tokens are one process's (quantised alike), and each rank holds fewer bytes than the quantised whole."""
+    folder = reference_checkpoints(MODELS[0])[1]
+    result = torchrun(str(HERE / "tp_worker.py"), "--quantize", scheme, "--models", str(folder), "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-4000:]
+    config = json.loads((folder / "config.json").read_text())
+    full = run(IdeficsForVisionText2Text.from_pretrained(folder), config)
+    quantised = IdeficsForVisionText2Text.from_pretrained(folder, quantize=scheme, group_size=16)
+    alone = run(quantised, config)
+    for r in range(2):
+        got = load_file(tmp_path / f"{folder.name}-{scheme}-rank{r}.safetensors")
+        cosine = torch.nn.functional.cosine_similarity(got["logits"].flatten(), full["logits"].flatten(), dim=0)
+        assert cosine > 0.999, f"rank {r}: cosine {float(cosine):.5f} to full precision"
+        assert torch.equal(got["greedy"], alone["greedy"])
+        assert int(got["weight_bytes"]) < 0.85 * weight_bytes(quantised)

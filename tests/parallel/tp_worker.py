@@ -43,10 +43,11 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--compile", action="store_true", help="also greedy with compile=True (first model only)")
+    parser.add_argument("--quantize", help="quantise while loading (int8, int4, nf4)")
     args = parser.parse_args()
     out = Path(args.out)
     for i, folder in enumerate(args.models):
-        model = IdeficsForVisionText2Text.from_pretrained(folder, tp_plan="auto")
+        model = IdeficsForVisionText2Text.from_pretrained(folder, tp_plan="auto", quantize=args.quantize, group_size=16)
         config = json.loads((Path(folder) / "config.json").read_text())
         results = run(model, config, compile=args.compile and i == 0)
         rank = dist.get_rank()
@@ -55,7 +56,8 @@ def main() -> None:
         dist.all_gather(gathered, other["sampled_unseeded"])  # every rank must have drawn the same tokens
         results["unseeded_agree"] = torch.tensor([all(torch.equal(g, gathered[0]) for g in gathered)])
         results["weight_bytes"] = torch.tensor([weight_bytes(model)])
-        save_file({k: v.contiguous() for k, v in results.items()}, out / f"{Path(folder).name}-rank{rank}.safetensors")
+        name = f"{Path(folder).name}{'-' + args.quantize if args.quantize else ''}-rank{rank}.safetensors"
+        save_file({k: v.contiguous() for k, v in results.items()}, out / name)
     dist.barrier()
     dist.destroy_process_group()
 

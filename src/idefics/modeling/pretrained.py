@@ -189,6 +189,7 @@ class PretrainedMixin:
         with torch.device("meta"):
             model = cls(config)
         sharded = apply_plan(model, tp) if tp is not None else {}
+        sharded = {name: sharded[m] for name, m in model.named_modules() if m in sharded}  # before any swap
         if quantization is not None:
             quantize_model(model, quantization, device=device or "cpu")
         target: nn.Module = model
@@ -197,7 +198,8 @@ class PretrainedMixin:
             target = nn.Module()  # a parent so that the module's keys gain the full-model prefix
             setattr(target, cls.checkpoint_prefix.rstrip("."), model)
             ignored.append(r"^(?!" + cls.checkpoint_prefix.replace(".", r"\.") + ")")  # e.g. lm_head.* for the backbone
-        slices = {f"{name}.weight": sharded[m] for name, m in target.named_modules() if m in sharded}
+        prefix = "" if target is model else cls.checkpoint_prefix
+        slices = {f"{prefix}{name}.weight": part for name, part in sharded.items()}
         options = dict(dtype=dtype, device=device, strict=strict, ignore_unexpected=ignored, slices=slices)
         if stored_quantized:
             options["keep_fp32"] = [METADATA_PATTERN]

@@ -63,6 +63,10 @@ def free_port() -> int:
 
 
 def rss_mb() -> float:
+    """This process's peak RSS so far (VmHWM; ru_maxrss would carry the parent's peak across fork + exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

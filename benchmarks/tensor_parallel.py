@@ -151,9 +151,9 @@ def gpu(args: argparse.Namespace) -> None:
 
     from idefics.parallel import apply_plan, join, local_device
 
-    device = local_device("cuda")
+    device = local_device(args.device)
     tp = join(device)
-    cfg = idefics_80b_config() if args.gpu_preset == "80b" else idefics_9b_config()
+    cfg = {"80b": idefics_80b_config, "9b": idefics_9b_config}.get(args.gpu_preset, lambda: bench_config("bench"))()
     config = idefics.IdeficsConfig.from_dict(cfg)
     with torch.device("meta"):
         model = idefics.IdeficsForVisionText2Text(config)
@@ -168,7 +168,7 @@ def gpu(args: argparse.Namespace) -> None:
             module.reset_buffers(device)
     model.tensor_parallel = tp
     model.eval()
-    sync = torch.cuda.synchronize
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     shard = weight_bytes(model)
     rates = {b: decode_rate(model, cfg, n=args.new_tokens, repeat=args.repeat, device=device, batch=b, sync=sync)
              for b in (1, 16)}  # fmt: skip
@@ -182,7 +182,7 @@ def gpu(args: argparse.Namespace) -> None:
 
     reduce_s = timed(all_reduces, repeat=args.repeat, sync=sync)
     if tp.is_main:
-        print(f"{args.gpu_preset} on {tp.size} GPUs (bf16): {shard / 2**30:.2f} GiB of weights per rank")
+        print(f"{args.gpu_preset} on {tp.size} x {device.type} (bf16): {shard / 2**30:.2f} GiB of weights per rank")
         print(f"decode batch 1: {rates[1]:.1f} tok/s; batch 16: {rates[16]:.1f} tok/s")
         print(f"{reductions} all-reduces of (1, {d}) bf16 per token: {1e3 * reduce_s:.3f} ms")
     leave()
@@ -194,7 +194,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--gpu-preset", choices=["80b", "9b"], help="under torchrun on GPUs: see the docstring")
+    parser.add_argument("--gpu-preset", choices=["80b", "9b", "bench"], help="under torchrun on GPUs (see above)")
+    parser.add_argument("--device", default="cuda", help="with --gpu-preset (cpu: a dry run of it with gloo)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--report", help=argparse.SUPPRESS)
     parser.add_argument("--decode", action="store_true", help=argparse.SUPPRESS)

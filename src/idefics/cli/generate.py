@@ -86,12 +86,17 @@ def build_prompt(text: str, images: list[Image.Image], *, raw: bool, processor) 
 
 
 def add_quantize_arguments(p) -> None:
-    """--quantize and --group-size (generate and serve)."""
+    """--quantize, --group-size and --quantize-strict (generate and serve)."""
     p.add_argument(
         "--quantize", choices=["int8", "int4", "nf4"],
         help="quantise the Linear weights while loading (int8: the fast CPU path; int4: group-wise; nf4: QLoRA's)",
     )  # fmt: skip
-    p.add_argument("--group-size", type=int, default=128, help="int4: input features per scale and zero (default 128)")
+    p.add_argument("--group-size", type=int, default=128, help=GROUP_SIZE_HELP + " (default 128)")
+    p.add_argument("--quantize-strict", action="store_true", help=STRICT_HELP)
+
+
+GROUP_SIZE_HELP = "int4: input features per scale and zero; a layer it does not divide takes another (or int8)"
+STRICT_HELP = "refuse a layer the --group-size does not divide instead of quantising it otherwise"
 
 
 def load_model(
@@ -102,6 +107,7 @@ def load_model(
     dtype: torch.dtype | str,
     quantize: str | None = None,
     group_size: int = 128,
+    quantize_strict: bool = False,
 ):
     """The model and processor from a folder or hub id, optionally quantised while loading; UserError when they
     cannot be found or read, or the quantisation does not fit the model or the device."""
@@ -111,7 +117,7 @@ def load_model(
 
     try:
         model = IdeficsForVisionText2Text.from_pretrained(
-            name, dtype=dtype, device=device, quantize=quantize, group_size=group_size
+            name, dtype=dtype, device=device, quantize=quantize, group_size=group_size, quantize_strict=quantize_strict
         )
         processor = IdeficsProcessor.from_pretrained(name)
     except QuantizationError as err:
@@ -184,7 +190,8 @@ def run(args: argparse.Namespace) -> int:
     device, dtype = device_and_dtype(args)
     started = time.perf_counter()
     model, processor = load_model(args.model or DEMO_MODEL, adapter=args.adapter, device=device, dtype=dtype,
-                                  quantize=args.quantize, group_size=args.group_size)  # fmt: skip
+                                  quantize=args.quantize, group_size=args.group_size,
+                                  quantize_strict=args.quantize_strict)  # fmt: skip
     loaded = time.perf_counter()
     inputs = processor(build_prompt(args.prompt, images, raw=args.raw, processor=processor),
                        add_end_of_utterance_token=False).to(device)  # fmt: skip

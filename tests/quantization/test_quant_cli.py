@@ -64,15 +64,29 @@ def test_generate_strict_group_size_that_does_not_fit_is_a_one_line_error(capsys
     assert "int4 group_size 32 does not divide layer 'model.layers.0.mlp.down_proj' (in features 336" in err
 
 
-def test_serve_and_eval_take_the_flag(tmp_path):
+def test_serve_answers_with_int4_and_eval_takes_the_flag(tmp_path):
+    from PIL import Image
+
+    from idefics.cli.errors import UserError
+    from idefics.cli.serve import build_engine
     from idefics.evaluation.run import EvalConfig, load
     from idefics.quantization import QuantizationError
+    from idefics.serving import SamplingParams
 
     parser = build_parser()
     for command in (["serve"], ["eval", "--task", "vqa", "--output", "o"]):
         args = parser.parse_args([*command, "--quantize", "int4", "--quantize-strict"])
         assert (args.quantize, args.group_size, args.quantize_strict) == ("int4", 128, True)
         assert parser.parse_args([*command, "--quantize", "int4"]).quantize_strict is False
+    with pytest.raises(UserError, match="int4 group_size 128 does not divide layer 'model.vision_model"):
+        build_engine(parser.parse_args(["serve", "--quantize", "int4", "--quantize-strict"]))
+    engine, processor = build_engine(parser.parse_args(["serve", "--quantize", "int4", "--max-batch-size", "2"]))
+    question = [{"role": "user", "content": [{"type": "image", "image": Image.open(RED_CIRCLE)},
+                                             {"type": "text", "text": "What color is the shape?"}]}]  # fmt: skip
+    eou = processor.tokenizer.convert_tokens_to_ids("<end_of_utterance>")
+    with engine:
+        (answer,) = engine.submit(question, SamplingParams(max_tokens=8, temperature=0, stop_token_ids=[eou])).result()
+    assert answer.text.strip() == "Red."
     config = EvalConfig(task="vqa", output=str(tmp_path), questions="q.json", annotations="a.json", images="img",
                         quantize="int4", quantize_strict=True, device="cpu")  # fmt: skip
     with pytest.raises(QuantizationError, match="int4 group_size 128 does not divide layer 'model.vision_model"):

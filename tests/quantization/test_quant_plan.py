@@ -98,6 +98,14 @@ def test_any_widths_load_save_and_load_back_bit_for_bit(checkpoint, tmp_path, ca
     print(f"{changed} layers changed; logits cosine to full precision: mean {cosine.mean():.4f} min {cosine.min():.4f}")
     assert cosine.mean() >= 0.93  # measured 0.942 (odd), 0.964, 0.993: noise weights, most at group 128 in "odd"
 
+    with torch.inference_mode():  # the decode path (packed int8 groups where q/k/v or gate/up became int8)
+        out = model.generate(**batch, max_new_tokens=3, do_sample=False)  # (b, t + 3)
+        mask = torch.cat([batch["attention_mask"], batch["attention_mask"].new_ones(len(out), 2)], dim=1)
+        images = torch.cat([batch["image_attention_mask"], batch["image_attention_mask"][:, -1:].expand(-1, 2, -1)], 1)
+        again = model(input_ids=out[:, :-1], attention_mask=mask, pixel_values=batch["pixel_values"],
+                      image_attention_mask=images).logits  # fmt: skip
+    assert torch.equal(again[:, -3:].argmax(-1), out[:, -3:])
+
     model.save_pretrained(tmp_path, max_shard_size="100KB")
     saved = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
     assert saved["overrides"] == config.overrides and "strict" not in saved

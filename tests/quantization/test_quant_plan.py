@@ -9,6 +9,7 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
 from reference import PERCEIVER, VISION, config_dict, make_batch, reference_model, save_reference
 
 from idefics import IdeficsForVisionText2Text
@@ -109,6 +110,7 @@ def test_any_widths_load_save_and_load_back_bit_for_bit(checkpoint, tmp_path, ca
     model.save_pretrained(tmp_path, max_shard_size="100KB")
     saved = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
     assert saved["overrides"] == config.overrides and "strict" not in saved
+    assert transformers.AutoConfig.from_pretrained(tmp_path).quantization_config == saved  # readable there too
     caplog.clear()
     loaded = IdeficsForVisionText2Text.from_pretrained(tmp_path)
     assert not caplog.records  # loading what was saved logs nothing

@@ -9,7 +9,6 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-import transformers
 from reference import PERCEIVER, VISION, config_dict, make_batch, reference_model, save_reference
 
 from idefics import IdeficsForVisionText2Text
@@ -72,6 +71,8 @@ def test_fallback_rule(group_size, in_features, expected):
 
 
 def test_any_widths_load_save_and_load_back_bit_for_bit(checkpoint, tmp_path, caplog):
+    import transformers
+
     folder, batch = checkpoint
     with caplog.at_level(logging.WARNING, logger="idefics.quantization"):
         model = IdeficsForVisionText2Text.from_pretrained(folder, quantize="int4")  # group size 128

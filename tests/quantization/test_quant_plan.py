@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from reference import PERCEIVER, VISION, config_dict, make_batch, reference_model, save_reference
 
-from idefics import IdeficsForVisionText2Text
+from idefics import IdeficsForVisionText2Text, IdeficsModel
 from idefics.quantization import Int4Linear, Int8Linear, QuantizationConfig, QuantizationError, QuantizedLinear
 from idefics.quantization.plan import fallback
 
@@ -122,6 +122,8 @@ def test_any_widths_load_save_and_load_back_bit_for_bit(checkpoint, tmp_path, ca
         assert again[key].dtype == tensor.dtype and torch.equal(again[key], tensor), key
     assert [type(m) for m in loaded.modules()] == [type(m) for m in model.modules()]
     assert torch.equal(logits(loaded, batch), logits(model, batch))
+    backbone = IdeficsModel.from_pretrained(tmp_path)  # the record's paths carry the full model's "model." prefix
+    assert all(torch.equal(t, loaded.model.state_dict()[key]) for key, t in backbone.state_dict().items())
     same = IdeficsForVisionText2Text.from_pretrained(tmp_path, quantize="int4")  # the request it was saved from
     assert torch.equal(logits(same, batch), logits(model, batch))
     with pytest.raises(QuantizationError, match=r"is stored quantised as .*group_size=128.* cannot be quantised"):

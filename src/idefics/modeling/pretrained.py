@@ -174,11 +174,16 @@ class PretrainedMixin:
             raise QuantizationError("merge=True folds an adapter into full-precision weights; load without quantize=")
         with torch.device("meta"):
             model = cls(config)
+        prefixed = bool(cls.checkpoint_prefix) and _checkpoint_has_prefix(directory, cls.checkpoint_prefix)
         if quantization is not None:
+            if prefixed and stored_quantized:  # the full model's per-layer record, read by its backbone
+                prefix, recorded = cls.checkpoint_prefix, quantization.overrides.items()
+                overrides = {key.removeprefix(prefix): value for key, value in recorded if key.startswith(prefix)}
+                quantization = replace(quantization, overrides=overrides)
             quantization = quantize_model(model, quantization, device=device or "cpu")  # per-layer choices recorded
         target: nn.Module = model
         ignored = list(IGNORED_KEYS)
-        if cls.checkpoint_prefix and _checkpoint_has_prefix(directory, cls.checkpoint_prefix):
+        if prefixed:
             target = nn.Module()  # a parent so that the module's keys gain the full-model prefix
             setattr(target, cls.checkpoint_prefix.rstrip("."), model)
             ignored.append(r"^(?!" + cls.checkpoint_prefix.replace(".", r"\.") + ")")  # e.g. lm_head.* for the backbone

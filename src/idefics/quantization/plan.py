@@ -4,11 +4,13 @@ where not, recorded so that a saved model loads back as it was.
 Only int4 has a shape constraint: its group size must divide the layer's in features (an even number of them). A
 layer the configured size does not divide takes the largest kernel size (256, 128, 64, 32) that divides it; with
 none, it stays int8 where the int8 kernel takes it (in features a multiple of 16) and in full precision otherwise.
-Measured on 2 shared CPU threads, one layer, against float32 `F.linear` (`plan` in BENCHMARKS.md): int8 through its
-kernel is 0.11-2.2x the time (faster from a few hundred thousand weights on) with a relative error of 4.6e-3, a tenth
-of int4's; int8 without its kernel dequantises on every call, 3-17x slower than float32, which is exact. int8 and
-nf4 hold any shape (int8 layers the kernel does not take dequantise; nf4's blocks run over the flattened weight, the
-last one padded), so they use their settings everywhere.
+Measured (`python benchmarks/quant_plan.py`, CPU time, 1 thread; BENCHMARKS.md): one layer against float32
+`F.linear`, int8 through its kernel takes 0.28-2.3x the time (faster from about half a million weights on) with a
+relative error of 4.6e-3, a tenth of int4's, in a quarter of the bytes; int8 without its kernel dequantises on every
+call, 3.7-17x slower at one row, where float32 is exact. In the demo model at group 128 its four 336-wide layers in
+int8 decode 1.27-1.50x faster than in float32 (0.93 against 1.45 MB of weights, both 100% right). int8 and nf4 hold
+any shape (int8 layers the kernel does not take dequantise; nf4's blocks run over the flattened weight, the last one
+padded), so they use their settings everywhere.
 
 `QuantizationConfig.overrides` records the layers that differ; a config read back from a save (or written before
 overrides existed, when such layers were refused) is applied exactly as recorded. With `strict` a layer the

@@ -95,7 +95,7 @@ def add_quantize_arguments(p) -> None:
     p.add_argument("--quantize-strict", action="store_true", help=STRICT_HELP)
 
 
-GROUP_SIZE_HELP = "int4: input features per scale and zero; a layer it does not divide takes another (or int8)"
+GROUP_SIZE_HELP = "int4: input features per scale and zero; a layer it does not divide takes 256/128/64/32, else int8"
 STRICT_HELP = "refuse a layer the --group-size does not divide instead of quantising it otherwise"
 
 

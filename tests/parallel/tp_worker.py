@@ -47,7 +47,7 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     for i, folder in enumerate(args.models):
-        model = IdeficsForVisionText2Text.from_pretrained(folder, tp_plan="auto", quantize=args.quantize, group_size=16)
+        model = IdeficsForVisionText2Text.from_pretrained(folder, tp_plan="auto", quantize=args.quantize)
         config = json.loads((Path(folder) / "config.json").read_text())
         results = run(model, config, compile=args.compile and i == 0)
         rank = dist.get_rank()

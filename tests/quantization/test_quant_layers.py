@@ -103,11 +103,36 @@ def test_nf4_double_quant_stores_less_and_stays_close():
     assert odd.dequantize().shape == (7, 9)
 
 
+@pytest.mark.parametrize("block_size", [1, 3, 63, 64, 100])
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_nf4_any_block_size_fits_any_layer(block_size, double_quant):
+    """Blocks run over the flattened weight: an odd block size on an odd number of blocks ends in one padding code
+    (it was a shape error), and every layer quantises, stores and computes at any block size."""
+    for n, k in [(7, 9), (5, 24), (33, 40)]:
+        linear = gaussian_linear(n, k)
+        layer = Nf4Linear.from_linear(linear, block_size=block_size, double_quant=double_quant)
+        blocks = -(-n * k // block_size)
+        assert layer.weight.shape == (-(-blocks * block_size // 2),)
+        w = linear.weight.detach()
+        assert (layer.dequantize() - w).norm() / w.norm() < (0.01 if block_size == 1 else BOUNDS["nf4"])
+        x = torch.randn(3, k)
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), x @ layer.dequantize().T + linear.bias, rtol=1e-4, atol=1e-4)
+
+
 def test_errors():
     with pytest.raises(QuantizationError, match="unknown quantisation scheme 'int3'"):
         QuantizationConfig("int3")
     with pytest.raises(QuantizationError, match="group_size must be a positive integer"):
         QuantizationConfig("int4", group_size=0)
+    with pytest.raises(QuantizationError, match=r"overrides\['a.b'\] must set a scheme \(int8, int4, nf4 or 'full'\)"):
+        QuantizationConfig("int4", overrides={"a.b": {"scheme": "int2"}})
+    with pytest.raises(QuantizationError, match=r"overrides\['a.b'\] must set a scheme .* got \{'bits': 4\}"):
+        QuantizationConfig("int4", overrides={"a.b": {"bits": 4}})
+    with pytest.raises(QuantizationError, match="group_size must be a positive integer, got 0"):
+        QuantizationConfig("int4", overrides={"a.b": {"scheme": "int4", "group_size": 0}})
+    with pytest.raises(QuantizationError, match="strict must be true or false"):
+        QuantizationConfig("int4", strict="yes")
     with pytest.raises(QuantizationError, match="int8 quantisation runs on cpu or cuda, not on mps"):
         check_device(QuantizationConfig("int8"), "mps")
     with pytest.raises(QuantizationError, match="only checkpoints quantised by idefics"):

@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 
 from .errors import UserError
-from .generate import under_torchrun
+from .generate import GROUP_SIZE_HELP, STRICT_HELP, under_torchrun
 from .serve import add_tensor_parallel_argument, tensor_parallel_size
 
 TEMPLATE_KEYS = ("base", "instruct")
@@ -34,7 +34,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--model", help="a model folder or hub id (default: the demo model shipped with the package)")
     p.add_argument("--adapter", metavar="DIR", help="a LoRA adapter folder to apply to the model")
     p.add_argument("--quantize", choices=["int8", "int4", "nf4"], help="quantise the Linear weights while loading")
-    p.add_argument("--group-size", type=int, default=128, help="int4: input features per scale and zero")
+    p.add_argument("--group-size", type=int, default=128, help=GROUP_SIZE_HELP + " (default 128)")
+    p.add_argument("--quantize-strict", action="store_true", help=STRICT_HELP)
     data = p.add_argument_group("data (VQAv2 / COCO captions or Karpathy JSON / classification JSONL)")
     data.add_argument("--questions", metavar="JSON", help="VQA questions ({'questions': [...]})")
     data.add_argument("--annotations", metavar="JSON", help="VQA annotations, or COCO / Karpathy captions")
@@ -121,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
             adapter=args.adapter,
             quantize=args.quantize,
             group_size=args.group_size,
+            quantize_strict=args.quantize_strict,
             questions=args.questions,
             annotations=args.annotations,
             images=args.images,

@@ -10,6 +10,7 @@ import argparse
 import os
 
 from .errors import UserError
+from .generate import GROUP_SIZE_HELP, STRICT_HELP
 
 S = argparse.SUPPRESS  # an absent flag leaves the recipe's (or the default) value
 
@@ -52,7 +53,8 @@ def add_parser(subparsers) -> None:
         help="QLoRA: quantise the frozen base while loading and train LoRA over it (with --bf16 "
         "--gradient-checkpointing for QLoRA's setting); the adapter loads onto the full-precision base",
     )  # fmt: skip
-    method.add_argument("--group-size", type=int, help="int4: input features per scale and zero (default 128)")
+    method.add_argument("--group-size", type=int, help=GROUP_SIZE_HELP + " (default 128)")
+    method.add_argument("--quantize-strict", action="store_true", help=STRICT_HELP)
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--max-steps", type=int, help="optimizer steps (instead of --epochs)")
     opt.add_argument("--epochs", type=float, help="passes over the data (default 1)")

@@ -87,12 +87,17 @@ def build_prompt(text: str, images: list[Image.Image], *, raw: bool, processor) 
 
 
 def add_quantize_arguments(p) -> None:
-    """--quantize and --group-size (generate and serve)."""
+    """--quantize, --group-size and --quantize-strict (generate and serve)."""
     p.add_argument(
         "--quantize", choices=["int8", "int4", "nf4"],
         help="quantise the Linear weights while loading (int8: the fast CPU path; int4: group-wise; nf4: QLoRA's)",
     )  # fmt: skip
-    p.add_argument("--group-size", type=int, default=128, help="int4: input features per scale and zero (default 128)")
+    p.add_argument("--group-size", type=int, default=128, help=GROUP_SIZE_HELP + " (default 128)")
+    p.add_argument("--quantize-strict", action="store_true", help=STRICT_HELP)
+
+
+GROUP_SIZE_HELP = "int4: input features per scale and zero; a layer it does not divide takes 256/128/64/32, else int8"
+STRICT_HELP = "refuse a layer the --group-size does not divide instead of quantising it otherwise"
 
 
 def load_model(
@@ -103,6 +108,7 @@ def load_model(
     dtype: torch.dtype | str,
     quantize: str | None = None,
     group_size: int = 128,
+    quantize_strict: bool = False,
     tp_plan: str | None = None,
 ):
     """The model and processor from a folder or hub id, optionally quantised while loading (and sharded over the
@@ -114,7 +120,13 @@ def load_model(
 
     try:
         model = IdeficsForVisionText2Text.from_pretrained(
-            name, dtype=dtype, device=device, quantize=quantize, group_size=group_size, tp_plan=tp_plan
+            name,
+            dtype=dtype,
+            device=device,
+            quantize=quantize,
+            group_size=group_size,
+            quantize_strict=quantize_strict,
+            tp_plan=tp_plan,
         )
         processor = IdeficsProcessor.from_pretrained(name)
     except QuantizationError as err:
@@ -193,7 +205,8 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     tp_plan = "auto" if under_torchrun() else None
     model, processor = load_model(args.model or DEMO_MODEL, adapter=args.adapter, device=device, dtype=dtype,
-                                  quantize=args.quantize, group_size=args.group_size, tp_plan=tp_plan)  # fmt: skip
+                                  quantize=args.quantize, group_size=args.group_size,
+                                  quantize_strict=args.quantize_strict, tp_plan=tp_plan)  # fmt: skip
     try:
         return print_answer(args, model, processor, images, device, started)
     finally:

@@ -124,7 +124,8 @@ def build_engine(args: argparse.Namespace, *, tp_plan: str | None = None):
     if args.group_size < 1:
         raise UserError(f"--group-size must be at least 1, got {args.group_size}")
     model, processor = load_model(args.model or DEMO_MODEL, adapter=args.adapter, device=device, dtype=dtype,
-                                  quantize=args.quantize, group_size=args.group_size, tp_plan=tp_plan)  # fmt: skip
+                                  quantize=args.quantize, group_size=args.group_size,
+                                  quantize_strict=args.quantize_strict, tp_plan=tp_plan)  # fmt: skip
     processor.image_processor.url_policy = UrlPolicy(enabled=False)  # the server loads images itself, checked
     try:
         config = EngineConfig(

@@ -50,7 +50,8 @@ class EvalConfig:
     model: str | None = None  # folder or hub id; None: the demo model (when no model object is passed)
     adapter: str | None = None  # a LoRA adapter folder
     quantize: str | None = None  # "int8", "int4" or "nf4": weight-only quantisation while loading
-    group_size: int = 128  # int4: input features per scale and zero
+    group_size: int = 128  # int4: input features per scale and zero; a layer it does not divide takes another
+    quantize_strict: bool = False  # refuse such a layer instead
     # data: VQA (questions, annotations, images), captions (annotations, images), classification (data, classes)
     questions: str | None = None
     annotations: str | None = None
@@ -330,7 +331,8 @@ def load(config: EvalConfig):
         raise ValueError(f"dtype must be one of {sorted(dtypes)}, got {config.dtype!r}")
     dtype = dtypes.get(config.dtype) or (torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
     name = config.model or DEMO_MODEL
-    quantization = dict(quantize=config.quantize, group_size=config.group_size) if config.quantize else {}
+    quantization = dict(quantize=config.quantize, group_size=config.group_size, quantize_strict=config.quantize_strict)
+    quantization = quantization if config.quantize else {}
     tp_plan = "auto" if config.tensor_parallel else None
     model = IdeficsForVisionText2Text.from_pretrained(name, dtype=dtype, device=device, tp_plan=tp_plan,
                                                       **quantization).eval()  # fmt: skip

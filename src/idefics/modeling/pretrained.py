@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -39,7 +40,7 @@ def _has_weights(directory: Path) -> bool:
 
 
 def _requested_quantization(
-    quantize: str | QuantizationConfig | None, group_size: int, directory: Path
+    quantize: str | QuantizationConfig | None, group_size: int, strict: bool, directory: Path
 ) -> tuple[QuantizationConfig | None, bool]:
     """The quantisation to apply and whether the checkpoint is stored quantised already (config.json's
     `quantization_config`); QuantizationError when a request contradicts a quantised checkpoint."""
@@ -48,12 +49,16 @@ def _requested_quantization(
     stored = QuantizationConfig.from_dict(stored) if stored is not None else None
     if isinstance(quantize, str):
         quantize = QuantizationConfig(quantize, group_size=group_size)
-    if stored is not None and quantize is not None and quantize != stored:
-        raise QuantizationError(
-            f"{directory} is stored quantised as {stored}; load it without quantize= (a quantised checkpoint cannot "
-            "be quantised again: quantise the full-precision checkpoint instead)"
-        )
-    return stored or quantize, stored is not None
+    if stored is not None and quantize is not None:
+        if quantize.overrides is None:  # the per-layer choices are the checkpoint's
+            quantize = replace(quantize, overrides=stored.overrides)
+        if quantize != stored:
+            raise QuantizationError(
+                f"{directory} is stored quantised as {stored}; load it without quantize= (a quantised checkpoint "
+                "cannot be quantised again: quantise the full-precision checkpoint instead)"
+            )
+    chosen = quantize or stored
+    return replace(chosen, strict=True) if chosen is not None and strict else chosen, stored is not None
 
 
 def _quantizing_sinks(model: nn.Module) -> dict[str, TensorSink]:
@@ -133,6 +138,7 @@ class PretrainedMixin:
         merge: bool = False,
         quantize: str | QuantizationConfig | None = None,
         group_size: int = 128,
+        quantize_strict: bool = False,
         tp_plan: str | None = None,
     ):
         """Load a checkpoint from a local folder or a hub id (the local hub cache works offline).
@@ -143,9 +149,11 @@ class PretrainedMixin:
         attached after the weights, and folded into them with `merge`. The returned model is in eval mode.
 
         `quantize` ("int8", "int4", "nf4" or a QuantizationConfig; `group_size` for int4) quantises the Linear layers
-        while loading, tensor by tensor, never holding the full-precision model (see `idefics.quantization`). A
-        checkpoint saved quantised loads quantised without it. Quantised layers use the kernels of the device they
-        are loaded on: pass `device=` rather than moving the model afterwards.
+        while loading, tensor by tensor, never holding the full-precision model (see `idefics.quantization`). A layer
+        the group size does not divide takes another size, int8 or full precision (one logged line counts them);
+        `quantize_strict` refuses it instead. A checkpoint saved quantised loads quantised without it, layer for layer
+        as it was saved. Quantised layers use the kernels of the device they are loaded on: pass `device=` rather
+        than moving the model afterwards.
 
         `tp_plan="auto"` (under `torchrun --nproc_per_node=N`) shards the decoder, the gated layers and the LM head
         over the N processes (`idefics.parallel`): each rank reads only its slices of the checkpoint and holds 1/N
@@ -169,7 +177,7 @@ class PretrainedMixin:
             )
         config = config or IdeficsConfig.from_pretrained(directory)
         dtype = _parse_dtype(dtype, directory)
-        quantization, stored_quantized = _requested_quantization(quantize, group_size, directory)
+        quantization, stored_quantized = _requested_quantization(quantize, group_size, quantize_strict, directory)
         if quantization is not None and merge:
             raise QuantizationError("merge=True folds an adapter into full-precision weights; load without quantize=")
         tp = None
@@ -190,11 +198,16 @@ class PretrainedMixin:
             model = cls(config)
         sharded = apply_plan(model, tp) if tp is not None else {}
         sharded = {name: sharded[m] for name, m in model.named_modules() if m in sharded}  # before any swap
+        prefixed = bool(cls.checkpoint_prefix) and _checkpoint_has_prefix(directory, cls.checkpoint_prefix)
         if quantization is not None:
-            quantize_model(model, quantization, device=device or "cpu")
+            if prefixed and stored_quantized:  # the full model's per-layer record, read by its backbone
+                prefix, recorded = cls.checkpoint_prefix, quantization.overrides.items()
+                overrides = {key.removeprefix(prefix): value for key, value in recorded if key.startswith(prefix)}
+                quantization = replace(quantization, overrides=overrides)
+            quantization = quantize_model(model, quantization, device=device or "cpu")  # per-layer choices recorded
         target: nn.Module = model
         ignored = list(IGNORED_KEYS)
-        if cls.checkpoint_prefix and _checkpoint_has_prefix(directory, cls.checkpoint_prefix):
+        if prefixed:
             target = nn.Module()  # a parent so that the module's keys gain the full-model prefix
             setattr(target, cls.checkpoint_prefix.rstrip("."), model)
             ignored.append(r"^(?!" + cls.checkpoint_prefix.replace(".", r"\.") + ")")  # e.g. lm_head.* for the backbone

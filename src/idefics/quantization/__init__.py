@@ -5,7 +5,9 @@
     model.save_pretrained(out)  # quantised safetensors + `quantization_config` in config.json; loads back as is
 
 `config.py` the settings, `linear.py` what every quantised Linear shares, `int8.py` / `int4.py` / `nf4.py` one layer
-per scheme, `kernels.py` the PyTorch kernels and weight layouts, `swap.py` which layers are replaced and how.
+per scheme, `kernels.py` the PyTorch kernels and weight layouts, `plan.py` which settings each layer takes (another
+int4 group size, int8 or full precision where the configured one does not divide it), `swap.py` which layers are
+replaced and how.
 """
 
 from .config import SCHEMES, QuantizationConfig, QuantizationError

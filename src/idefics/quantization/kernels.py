@@ -23,23 +23,32 @@ import torch
 # 0.29 ms for fp32 F.linear; int4 0.07 ms against 3.1 ms); on CUDA tinygemm takes bf16 only.
 ACTIVATION_DTYPE = torch.bfloat16
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what the int4 kernels accept
-
-
 INT8_K_MULTIPLE = 16  # the int8 kernel reads k in vectors of 16: other widths crash or go wrong (torch 2.13, CPU)
+
+
+def int8_kernel_fits(in_features: int) -> bool:
+    """Whether the int8 kernel takes a layer of this width (any number of rows; measured on CPU, torch 2.13)."""
+    return in_features % INT8_K_MULTIPLE == 0
+
+
+def int4_group_fits(in_features: int, group_size: int) -> bool:
+    """Whether int4 can store a layer of this width in groups of `group_size`: the groups tile the row, and the
+    values pack two a byte (`pack_nibbles`). The kernels take only `INT4_GROUP_SIZES` (`int4_kernel_fits`)."""
+    return in_features % group_size == 0 and in_features % 2 == 0
 
 
 def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """(m, k) x int8 (n, k) with per-row `scale` (n,) -> (m, n); x and scale in ACTIVATION_DTYPE. A width the
     kernel cannot take (k not a multiple of 16: small test models, odd adapters) dequantises and multiplies in
     float32 instead."""
-    if weight.shape[1] % INT8_K_MULTIPLE:
+    if not int8_kernel_fits(weight.shape[1]):
         return (x.float() @ (weight.float() * scale.float()[:, None]).T).to(x.dtype)  # (m, n)
     return torch._weight_int8pack_mm(x, weight, scale)
 
 
 def int4_kernel_fits(out_features: int, in_features: int, group_size: int, device: torch.device) -> bool:
     """Whether the int4 kernel of `device` takes a layer of this shape (otherwise it dequantises)."""
-    if group_size not in INT4_GROUP_SIZES or in_features % group_size:
+    if group_size not in INT4_GROUP_SIZES or not int4_group_fits(in_features, group_size):
         return False
     if device.type == "cpu":
         return out_features % 16 == 0 and in_features % 2 == 0

@@ -24,7 +24,7 @@ def _code(device: torch.device) -> torch.Tensor:
 
 
 class Nf4Linear(QuantizedLinear):
-    """`weight` uint8 (blocks * block_size / 2,), two codes a byte, and the absmax per block: `weight_absmax`
+    """`weight` uint8 (ceil(blocks * block_size / 2),), two codes a byte, and the absmax per block: `weight_absmax`
     float32 (blocks,), or int8 (blocks,) with `weight_absmax_scale` (ceil(blocks / 256),) and
     `weight_absmax_offset` (1,) when double-quantised."""
 
@@ -40,7 +40,7 @@ class Nf4Linear(QuantizedLinear):
 
     def tensor_specs(self):
         blocks, size = self.blocks, self.options["block_size"]
-        specs = {"weight": ((blocks * size // 2,), torch.uint8)}
+        specs = {"weight": ((math.ceil(blocks * size / 2),), torch.uint8)}  # an odd count ends in a padding code
         if not self.options["double_quant"]:
             return specs | {"weight_absmax": ((blocks,), torch.float32)}
         return specs | {
@@ -52,16 +52,18 @@ class Nf4Linear(QuantizedLinear):
     def quantize_(self, weight: torch.Tensor) -> None:
         blocks, size, device = self.blocks, self.block_size, weight.device
         flat = weight.flatten()  # (n * k,) the last block is padded with zeros as it is read
-        packed = torch.empty(blocks * size // 2, dtype=torch.uint8, device=device)
+        packed = torch.empty(math.ceil(blocks * size / 2), dtype=torch.uint8, device=device)
         absmax = torch.empty(blocks, dtype=torch.float32, device=device)
         code = _code(device)
         midpoints = (code[1:] + code[:-1]) / 2  # (15,) the nearest code is the number of midpoints below
-        for chunk in row_chunks(blocks, size):
+        for pairs in row_chunks(math.ceil(blocks / 2), 2 * size):  # pairs of blocks: each chunk starts on a byte
+            chunk = slice(2 * pairs.start, min(2 * pairs.stop, blocks))
             start, stop = chunk.start * size, chunk.stop * size
             w = F.pad(flat[start:stop].float(), (0, max(0, stop - flat.numel()))).view(-1, size)  # (chunk, size)
             absmax[chunk] = w.abs().amax(dim=1).clamp(min=1e-12)
             index = torch.bucketize(w / absmax[chunk, None], midpoints).to(torch.uint8).flatten()
-            packed[start // 2 : stop // 2] = (index[::2] << 4) | index[1::2]
+            index = F.pad(index, (0, index.numel() % 2))  # an odd block size and count: one padding code
+            packed[start // 2 : start // 2 + index.numel() // 2] = (index[::2] << 4) | index[1::2]
         tensors = {"weight": packed}
         if not self.double_quant:
             self._set(**tensors, weight_absmax=absmax)
@@ -80,6 +82,7 @@ class Nf4Linear(QuantizedLinear):
         return self.weight_absmax.float() * scale + self.weight_absmax_offset.float()
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        index = torch.stack([self.weight >> 4, self.weight & 15], dim=-1).flatten().long()  # (blocks * size,)
+        index = torch.stack([self.weight >> 4, self.weight & 15], dim=-1).flatten()[: self.blocks * self.block_size]
+        index = index.long()  # (blocks * block_size,)
         w = _code(self.weight.device)[index].view(self.blocks, self.block_size) * self.absmax()[:, None]
         return w.flatten()[: self.out_features * self.in_features].view(self.out_features, self.in_features).to(dtype)

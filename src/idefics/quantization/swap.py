@@ -1,12 +1,15 @@
 """Swap a model's Linear layers for quantised ones: `quantize_model`, and the rules of which layers and where.
 
 Quantised: every nn.Linear of the decoder, the gated cross-attention layers, the perceiver resampler and the vision
-tower, by the config's scheme; and the LM head's vocabulary rows in int8 (`head.py`; with int8 and int4 unless
+tower, by the config's scheme (with another group size, int8 or full precision where int4's groups do not fit a
+layer: `plan.py`); and the LM head's vocabulary rows in int8 (`head.py`; with int8 and int4 unless
 `lm_head=False`, never when the head is tied to the embedding). Kept in full precision: embeddings, norms and the
 2-row `additional_fc`.
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 from torch import nn
@@ -15,12 +18,13 @@ from .config import QuantizationConfig, QuantizationError
 from .head import Int8Head
 from .int4 import Int4Linear
 from .int8 import Int8Linear
-from .kernels import INT4_GROUP_SIZES
 from .linear import QuantizedLinear
 from .nf4 import Nf4Linear
+from .plan import plan, summary
 
 LAYERS: dict[str, type[QuantizedLinear]] = {"int8": Int8Linear, "int4": Int4Linear, "nf4": Nf4Linear}
 KEEP_FULL_PRECISION = ("additional_fc",)  # module names never quantised
+logger = logging.getLogger(__name__)
 DEVICES = ("cpu", "cuda")  # where the schemes run (int8 and int4 with kernels, nf4 by dequantising)
 # The stored float tensors of quantised layers: a loader keeps them float32 whatever the model's dtype.
 METADATA_PATTERN = r"\.weight_(scale|scale_zero|absmax|absmax_scale|absmax_offset)$"
@@ -52,38 +56,36 @@ def layer_options(config: QuantizationConfig) -> dict:
 
 def quantize_model(
     model: nn.Module, config: QuantizationConfig, *, device: torch.device | str | None = None
-) -> list[str]:
-    """Replace the quantisable Linears of `model` by `config`'s quantised layers, in place; returns their paths.
+) -> QuantizationConfig:
+    """Replace the quantisable Linears of `model` by `config`'s quantised layers, in place; returns `config` with
+    the per-layer choices recorded in `overrides` (what `save_pretrained` writes).
 
-    On the meta device the new layers are empty (a loader fills them); otherwise each weight is quantised on its
-    device as its layer is swapped, so at most one layer exists in both precisions at a time. QuantizationError
-    names the first layer `config` does not fit (an int4 group size that does not divide its in features) and
-    refuses a device the scheme cannot run on. With `config.lm_head` the LM head (`model.lm_head`) becomes an
+    Each layer takes `config`'s settings where they fit it, otherwise the nearest that do (`plan.py`: an int4 group
+    size that does not divide a layer's in features); one logged line says how many did, unless `config.strict`,
+    which refuses such a layer with a QuantizationError naming it. A config with `overrides` (read back from a save)
+    is applied exactly. On the meta device the new layers are empty (a loader fills them); otherwise each weight is
+    quantised on its device as its layer is swapped, so at most one layer exists in both precisions at a time. A
+    device the scheme cannot run on is refused. With `config.lm_head` the LM head (`model.lm_head`) becomes an
     `Int8Head`, unless it shares its rows with the embedding table.
     """
     check_device(config, device or next(model.parameters()).device)
     if any(type(m).__name__ == "LoraLinear" for m in model.modules()):
         raise QuantizationError("quantise the base model before adding a LoRA adapter, not after")
-    names = quantizable(model)
-    if config.scheme == "int4":  # the kernels take group sizes 32-256; layers they cannot take dequantise instead
-        for name in names:
-            in_features = model.get_submodule(name).in_features
-            if in_features % config.group_size or in_features % 2:
-                raise QuantizationError(
-                    f"int4 group_size {config.group_size} does not divide layer {name!r} (in features {in_features}; "
-                    f"int4 also needs an even number); the kernels take {', '.join(map(str, INT4_GROUP_SIZES))}, "
-                    "other sizes run by dequantising"
-                )
-    cls, options = LAYERS[config.scheme], layer_options(config)
-    for name in names:
+    widths = {name: model.get_submodule(name).in_features for name in quantizable(model)}
+    chosen = plan(config, widths)
+    if config.overrides is None and chosen.overrides:
+        logger.warning(summary(chosen, widths))
+    for name in widths:
+        layer = chosen.layer(name)
+        if layer is None:  # left in full precision
+            continue
         parent, _, child = name.rpartition(".")
         holder = model.get_submodule(parent)
-        setattr(holder, child, cls.from_linear(getattr(holder, child), **options))
+        setattr(holder, child, LAYERS[layer.scheme].from_linear(getattr(holder, child), **layer_options(layer)))
     head = getattr(model, "lm_head", None)
     if config.lm_head and head is not None and not isinstance(head, QuantizedLinear) and not _tied(model, head):
         model.lm_head = Int8Head.from_head(head)
-        names.append("lm_head")
-    return names
+    return chosen
 
 
 def _tied(model: nn.Module, head: nn.Module) -> bool:

@@ -33,7 +33,8 @@ class FinetuneConfig:
     # QLoRA: LoRA over a frozen base quantised while loading ("nf4" as in QLoRA, or "int8", "int4"); with bf16 and
     # gradient_checkpointing this is QLoRA's setting. The adapter loads onto the full-precision base.
     quantize: str | None = None
-    group_size: int = 128  # int4: input features per (scale, zero)
+    group_size: int = 128  # int4: input features per (scale, zero); a layer it does not divide takes another
+    quantize_strict: bool = False  # refuse such a layer instead
     # Length of training: exactly one of the two (default: one epoch).
     max_steps: int | None = None  # optimizer steps
     epochs: float | None = None

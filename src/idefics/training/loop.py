@@ -75,6 +75,7 @@ def build_model(config: FinetuneConfig, world: World) -> IdeficsForVisionText2Te
             device=world.device,
             quantize=config.quantize,
             group_size=config.group_size,
+            quantize_strict=config.quantize_strict,
         )
     if config.full:
         model.requires_grad_(True)

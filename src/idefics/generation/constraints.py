@@ -39,7 +39,7 @@ class Constraint:
     where it came from (a request field, a CLI flag), for error messages only."""
 
     kind: Kind
-    spec: str  # the schema as JSON (its property order kept: it is the output's), the regex, or the JSON list of choices ("" for json_object)
+    spec: str  # the schema as JSON (property order kept: it is the output's), the regex, the choices as JSON, or ""
     param: str | None = field(default=None, compare=False)
 
     @classmethod

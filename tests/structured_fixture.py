@@ -57,7 +57,9 @@ def random_text_model(v5_dir, tmp_path_factory) -> Path:
     import transformers
 
     tokenizer = IdeficsTokenizer.from_pretrained(v5_dir)
-    data = config_dict("plain_vector_zeros", vocab_size=len(tokenizer), additional_vocab_size=2)
+    data = config_dict(
+        "plain_vector_zeros", vocab_size=len(tokenizer), additional_vocab_size=2, max_position_embeddings=256
+    )
     torch.manual_seed(0)
     ref = transformers.IdeficsForVisionText2Text(transformers.IdeficsConfig(**data))
     perturb(ref)

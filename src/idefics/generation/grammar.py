@@ -164,12 +164,18 @@ def fill_bitmask(bitmask: torch.Tensor, states: list[tuple[int, GrammarState]]) 
 
 @torch.inference_mode()  # the logits come out of inference-mode steps
 def apply_bitmask_(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
-    """Set the logits (r, v) of tokens the bitmask (r, w) int32 leaves out to -inf, in place; returns logits."""
+    """Set the logits (r, v) of tokens the bitmask (r, w) int32 (CPU) leaves out to -inf, in place; returns logits.
+    On CPU the bits are unpacked by numpy straight into a bool mask; on a GPU the words are copied over and
+    unpacked there (a 32x smaller copy than the mask)."""
+    v = logits.shape[1]
+    if logits.device.type == "cpu":
+        banned = np.unpackbits((~bitmask.numpy()).view(np.uint8), axis=1, bitorder="little")[:, :v]  # (r, v) 0/1
+        return logits.masked_fill_(torch.from_numpy(banned).view(torch.bool), -float("inf"))
     device = logits.device
     if device not in _SHIFTS:
         _SHIFTS[device] = torch.arange(32, dtype=torch.int32, device=device)
-    mask = bitmask.to(device, non_blocking=True)
-    allowed = ((mask[:, :, None] >> _SHIFTS[device]) & 1).flatten(1)[:, : logits.shape[1]]  # (r, v)
+    words = bitmask.to(device, non_blocking=True)
+    allowed = ((words[:, :, None] >> _SHIFTS[device]) & 1).flatten(1)[:, :v]  # (r, v)
     return logits.masked_fill_(allowed == 0, -float("inf"))
 
 

@@ -102,7 +102,9 @@ def test_apply_bitmask_matches_the_bits():
         for v in range(100):
             if not (int(bitmask[r, v // 32]) >> (v % 32)) & 1:
                 expected[r, v] = -float("inf")
+    strided = logits.t().contiguous().t()  # the other path: not contiguous
     assert torch.equal(apply_bitmask_(logits, bitmask), expected)
+    assert torch.equal(apply_bitmask_(strided, bitmask), expected)
 
 
 def test_the_demo_model_answers_within_its_constraint(demo):

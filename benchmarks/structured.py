@@ -6,7 +6,7 @@ The model is the preset's (benchmarks/common.py; random weights, 32,000 + 2 logi
 synthetic LLaMA-shaped one (SentencePiece-style BPE, byte fallback, 32,000 pieces of words, numbers and JSON
 punctuation, plus IDEFICS's 3 added tokens) built here, as no real tokenizer can be downloaded. Prints:
 
-- compile time per schema (cold, then from the cache) and the first mask;
+- compile time per schema (cold, its first mask included; then from the cache) and a row's first mask after it;
 - with llguidance and xgrammar both installed, a side-by-side on the same vocabulary: import time, compile time
   and mean bitmask time per token along a 64-token random walk through each schema;
 - engine steady decode tokens/s at batch 1 and 16, free (EOS ignored) vs every row constrained by a JSON schema
@@ -184,7 +184,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=list(PRESETS), default="bench")
     parser.add_argument("--new", type=int, default=64, help="tokens per request in the decode benchmark")
-    parser.add_argument("--rounds", type=int, default=3, help="free / constrained rounds, interleaved")
+    parser.add_argument("--rounds", type=int, default=4, help="free / constrained rounds, interleaved")
     parser.add_argument("--batches", default="1,16")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-libraries", action="store_true", help="skip the llguidance / xgrammar side-by-side")
@@ -206,12 +206,13 @@ def main() -> None:
     decode_rate(engine, 2, 4, constraint, vocab=cfg["vocab_size"])  # warm-up (first masks, allocator)
     print(f"{'batch':>5} {'free tok/s':>10} {'json-schema tok/s':>17} {'ratio':>6}")
     for batch in batches:
-        rates = {"free": [], "constrained": []}
-        for _ in range(args.rounds):
-            rates["free"].append(decode_rate(engine, batch, args.new, None, vocab=cfg["vocab_size"]))
-            rates["constrained"].append(decode_rate(engine, batch, args.new, constraint, vocab=cfg["vocab_size"]))
-        free, constrained = (statistics.median(rates[k]) for k in ("free", "constrained"))
-        print(f"{batch:5d} {free:10.1f} {constrained:17.1f} {constrained / free:6.3f}")
+        rates = {None: [], constraint: []}
+        for r in range(args.rounds):  # interleaved, the order flipped every round
+            for c in (None, constraint) if r % 2 == 0 else (constraint, None):
+                rates[c].append(decode_rate(engine, batch, args.new, c, vocab=cfg["vocab_size"]))
+        free, constrained = statistics.median(rates[None]), statistics.median(rates[constraint])
+        rounds = " ".join(f"{c / f:.2f}" for f, c in zip(rates[None], rates[constraint], strict=True))
+        print(f"{batch:5d} {free:10.1f} {constrained:17.1f} {constrained / free:6.3f}  (per round: {rounds})")
 
 
 if __name__ == "__main__":

@@ -180,3 +180,23 @@ def test_each_constraint_compiles_once_even_when_asked_concurrently(random_model
     assert len(builds) == 1 and len(results) == 4 and all(r is results[0] for r in results)
     assert compiler.compile(Constraint.json_schema({"type": "object", "properties": {"a": {"type": "integer"}}}))
     assert len(builds) == 1 and compiler.cached(constraint)
+
+
+def test_the_thread_pool_fills_the_same_masks_as_the_inline_path(random_model, monkeypatch):
+    from idefics.generation import grammar
+
+    model, tokenizer = random_model
+    compiler = compiler_for(tokenizer, model.config.vocab_size + model.config.additional_vocab_size)
+    compiled = compiler.compile(constraints()[2])
+    states = [compiled.start([2]) for _ in range(grammar.PARALLEL_ROWS)]
+    for i, state in enumerate(states):  # rows at different places in the grammar
+        for _ in range(i):
+            mask = new_bitmask(1, compiler)
+            fill_bitmask(mask, [(0, state)])
+            state.accept(int(apply_bitmask_(torch.zeros(1, compiler.vocab_size), mask).argmax()))
+    inline = new_bitmask(len(states), compiler)
+    fill_bitmask(inline, list(enumerate(states)))
+    monkeypatch.setattr(grammar.os, "cpu_count", lambda: 16)
+    pooled = new_bitmask(len(states), compiler)
+    fill_bitmask(pooled, list(enumerate(states)))
+    assert torch.equal(inline, pooled) and len({tuple(row.tolist()) for row in inline}) > 1

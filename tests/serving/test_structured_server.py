@@ -38,46 +38,36 @@ def client(server):
     return openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
 
 
+# kind -> (its specs, the Constraint for a spec, vLLM's structured_outputs key, the older guided_* field)
+KINDS = {
+    "json_schema": (SCHEMAS, Constraint.json_schema, "json", "guided_json"),
+    "regex": (REGEXES, Constraint.regex, "regex", "guided_regex"),
+    "choice": (CHOICES, Constraint.choice, "choice", "guided_choice"),
+}
+
+
 def random_request(rng: random.Random, kind: str, *, images: bool) -> tuple[dict, Constraint, str]:
-    """(create() keyword arguments, the constraint they ask for, the endpoint) for one random prompt."""
+    """(create() keyword arguments, the constraint they ask for, the endpoint) for one random prompt, in one of the
+    spellings a client may use."""
     question = " ".join(rng.choices(WORDS, k=rng.randint(2, 9))).capitalize() + "?"
     sampling = dict(max_tokens=MAX_TOKENS, temperature=rng.choice([0.0, 0.7, 1.0]), seed=rng.randrange(1000))
-    if kind == "json_schema":
-        schema = rng.choice(SCHEMAS)
-        constraint = Constraint.json_schema(schema)
-        spelling = rng.choice(["response_format", "structured_outputs", "guided_json"])
-        extra = (
-            {"structured_outputs": {"json": schema}} if spelling == "structured_outputs" else {"guided_json": schema}
-        )
+    extra = {}
+    if kind == "json_object":
+        constraint = Constraint.json_object()
+        sampling["response_format"] = {"type": "json_object"}
+    else:
+        specs, build, key, guided = KINDS[kind]
+        spec = rng.choice(specs)
+        constraint = build(spec)
+        spelling = rng.choice(["structured_outputs", "guided"] + (["response_format"] if kind == "json_schema" else []))
         if spelling == "response_format":
             sampling["response_format"] = {
                 "type": "json_schema",
-                "json_schema": {"name": "answer", "schema": schema, "strict": True},
+                "json_schema": {"name": "answer", "schema": spec, "strict": True},
             }
-            extra = {}  # fmt: skip
-    elif kind == "json_object":
-        constraint = Constraint.json_object()
-        spelling, extra = "response_format", {}
-        sampling["response_format"] = {"type": "json_object"}
-    elif kind == "regex":
-        pattern = rng.choice(REGEXES)
-        constraint = Constraint.regex(pattern)
-        spelling = rng.choice(["structured_outputs", "guided_regex"])
-        extra = (
-            {"structured_outputs": {"regex": pattern}}
-            if spelling == "structured_outputs"
-            else {"guided_regex": pattern}
-        )
-    else:
-        options = rng.choice(CHOICES)
-        constraint = Constraint.choice(options)
-        spelling = rng.choice(["structured_outputs", "guided_choice"])
-        extra = (
-            {"structured_outputs": {"choice": options}}
-            if spelling == "structured_outputs"
-            else {"guided_choice": options}
-        )
-    endpoint = "chat" if spelling == "response_format" or rng.random() < 0.6 else "completions"
+        else:
+            extra = {"structured_outputs": {key: spec}} if spelling == "structured_outputs" else {guided: spec}
+    endpoint = "chat" if "response_format" in sampling or rng.random() < 0.6 else "completions"
     if endpoint == "chat":
         image = rng.choice([RED_CIRCLE, BLUE_TRIANGLE]) if images and rng.random() < 0.7 else None
         sampling["messages"] = ask(question, image)

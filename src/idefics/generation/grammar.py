@@ -96,6 +96,9 @@ class GrammarCompiler:
         except ValueError as err:
             raise ConstraintError(str(err), param=constraint.param) from None
         matcher = LLMatcher(self.tokenizer, text, log_level=0)
+        if not matcher.is_error():  # the first mask builds the lexer's first states, shared by every row's copy
+            scratch = torch.empty(self.words, dtype=torch.int32)
+            matcher.unsafe_compute_mask_ptr(scratch.data_ptr(), self.words * 4)
         if matcher.is_error():
             raise ConstraintError(f"invalid {constraint.kind.replace('_', ' ')}: {_one_line(matcher.get_error())}",
                                   param=constraint.param)  # fmt: skip

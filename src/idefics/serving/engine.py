@@ -5,7 +5,9 @@ Each iteration of the engine thread: apply cancellations, run one decode step ov
 finished, then admit waiting requests within the prefill token budget: they are prefilled together (prefill.py:
 left-padded into one batch, all their images through the vision tower and perceiver in one call, image K/V once per
 request), copied into their slot(s) (n of them for n choices) and join the next decode step. Requests are
-tokenised and their images preprocessed in the submitting thread, so bad input fails at `submit`.
+tokenised, their images preprocessed and their structured-output constraint compiled (cached per constraint) in the
+submitting thread, so bad input fails at `submit` and a slow compile never stalls the decode steps. A constrained
+row's logits are masked to its grammar's allowed tokens where its token is chosen (`_emit`), nowhere else.
 
 The decode step is eager over exactly the positions in use on CPU. With `compile` it has fixed shapes per
 (batch bucket, length bucket), every image slot read: torch.compile'd with `compile=True`, and captured as a CUDA
@@ -154,8 +156,8 @@ class Engine:
 
     # -- submission -------------------------------------------------------------------------------------------------
     def submit(self, prompt, params: SamplingParams | None = None, *, request_id: str | None = None) -> RequestStream:
-        """Queue a request; see the API notes in `idefics.serving`. Raises ValueError, ContextLengthError,
-        EngineOverloaded or EngineDraining."""
+        """Queue a request; see the API notes in `idefics.serving`. Raises ValueError (ConstraintError for a
+        constraint that does not compile), ContextLengthError, EngineOverloaded or EngineDraining."""
         if self._draining:
             raise EngineDraining("the engine is shutting down and accepts no new requests")
         params = params if params is not None else SamplingParams()

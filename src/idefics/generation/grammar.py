@@ -140,7 +140,7 @@ class GrammarState:
     def fix_ends(self, words: np.ndarray) -> None:
         """Allow this row's end ids in its bitmask words (w,) uint32 exactly when the output is complete (llguidance
         knows only the tokenizer's EOS)."""
-        complete = self.matcher.is_accepting()
+        complete = self.complete
         eos = self.compiler.eos_id
         if eos not in self.end_ids:
             words[eos >> 5] &= np.uint32(~(1 << (eos & 31)) & 0xFFFFFFFF)

@@ -4,7 +4,7 @@ PIP := $(VENV)/bin/pip
 # The CPU build of torch: an unpinned torch pulls a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo demo-model test lint bench-load bench-image bench-generate bench-finetune bench-quantize bench-engine eval-demo bench-eval bench-serve clean
+.PHONY: install demo demo-model test lint bench-load bench-image bench-generate bench-finetune bench-quantize bench-engine eval-demo bench-eval bench-serve bench-structured clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -53,6 +53,10 @@ bench-quantize: install
 
 bench-engine: install
 	$(PY) benchmarks/engine.py
+
+# Structured outputs: engine decode tok/s with a JSON-schema constraint vs free, compile times, llguidance vs xgrammar.
+bench-structured: install
+	$(PY) benchmarks/structured.py
 
 # Few-shot evaluation of the demo model (0 and 4 shots) on rendered shapes: VQA accuracy and CIDEr, as tables.
 EVAL_DEMO := build/eval-demo

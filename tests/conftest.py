@@ -8,6 +8,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # tests/reference.py
 
 from finetune_fixture import finetune_env  # noqa: E402, F401  (session fixture)
 from reference import CONFIGS, reference_model, save_reference  # noqa: E402
+from structured_fixture import random_text_model  # noqa: E402, F401  (session fixture)
 from tokenizer_fixture import sentencepiece_dir, v5_dir  # noqa: E402, F401  (session fixtures)
 
 

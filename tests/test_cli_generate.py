@@ -111,3 +111,23 @@ def test_adapter_changes_the_answer(tmp_path, capsys):
 def test_cuda_without_cuda_is_a_user_error(capsys):
     assert main(["generate", "--device", "cuda", "Hi"]) == 2
     assert "--device 'cuda': CUDA is not available" in capsys.readouterr().err
+
+
+def test_structured_output_flags(tmp_path, capsys):
+    import jsonschema
+
+    assert main(["generate", "--image", RED_CIRCLE, "--choice", "red,green,blue", "What color is the shape?"]) == 0
+    assert capsys.readouterr().out.strip() == "red"
+    assert main(["generate", "--image", BLUE_TRIANGLE, "--regex", "[A-Z][a-z]+[.]", "What color is the shape?"]) == 0
+    assert capsys.readouterr().out.strip() == "Blue."
+    schema = {"type": "object", "properties": {"color": {"enum": ["red", "green", "blue"]}}, "required": ["color"]}
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    args = ["generate", "--json", "--json-schema", str(tmp_path / "schema.json"), "--image", RED_CIRCLE, "Describe."]
+    assert main(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    jsonschema.validate(json.loads(result["answer"]), schema)
+    assert result["finish_reason"] == "stop"
+    assert main(["generate", "--regex", "a(b", "Hi"]) == 2
+    assert capsys.readouterr().err.startswith("idefics generate: error: --regex: invalid regex")
+    assert main(["generate", "--json-schema", str(tmp_path / "none.json"), "Hi"]) == 2
+    assert "--json-schema: the file" in capsys.readouterr().err

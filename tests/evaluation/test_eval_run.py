@@ -158,3 +158,27 @@ def test_cli_user_errors(eval_sets, tmp_path, capsys):
     missing.write_text(json.dumps({"questions": [{"image_id": 999, "question": "Q?", "question_id": 1}]}))
     assert main([*base, "--questions", str(missing), "--images", paths["images"]]) == 2
     assert "no image for image_id 999" in capsys.readouterr().err
+
+
+def test_answer_choices_constrain_vqa_answers(eval_sets, demo_model, tmp_path):
+    """The demo model's free answers are all among its classes, so constraining to them changes no prediction; a
+    list without the true answers forces every answer into it."""
+    model, processor = demo_model
+    answers = ["Red.", "Green.", "Blue.", "Yellow.", "Purple.", "Orange.", "A circle.", "A square.", "A triangle."]
+    (tmp_path / "answers.txt").write_text("\n".join(answers) + "\n")
+    (tmp_path / "wrong.txt").write_text("maybe\nno idea\n")
+    kw = dict(shots=(0,), trials=1, num_samples=6)
+    plain = evaluate(vqa_config(eval_sets, tmp_path / "plain", **kw), model=model, processor=processor)
+    for name, engine in (("generate", False), ("engine", True)):
+        config = vqa_config(eval_sets, tmp_path / name, answer_choices=str(tmp_path / "answers.txt"), engine=engine,
+                            **kw)  # fmt: skip
+        assert evaluate(config, model=model, processor=processor) == plain
+    rows = lambda name: [json.loads(r) for r in (tmp_path / name / "predictions.jsonl").read_text().splitlines()]  # noqa: E731
+    assert (
+        [r["raw"] for r in rows("generate")] == [r["raw"] for r in rows("plain")] == [r["raw"] for r in rows("engine")]
+    )
+    forced = vqa_config(eval_sets, tmp_path / "forced", answer_choices=str(tmp_path / "wrong.txt"), **kw)
+    evaluate(forced, model=model, processor=processor)
+    assert {r["raw"] for r in rows("forced")} <= {"maybe", "no idea"}
+    with pytest.raises(ValueError, match="answer_choices constrains greedy VQA answers"):
+        vqa_config(eval_sets, tmp_path, answer_choices=str(tmp_path / "answers.txt"), num_beams=2)

@@ -67,6 +67,11 @@ def add_parser(subparsers) -> None:
     dec.add_argument("--engine", action="store_true", help="generate through the continuous-batching engine (greedy)")
     add_tensor_parallel_argument(dec)
     dec.add_argument("--max-new-tokens", type=int, help="default: 10 for VQA, 20 for captions")
+    dec.add_argument(
+        "--answer-choices",
+        metavar="FILE",
+        help="VQA: constrain each answer to one of these, one a line (classification-style questions)",
+    )
     dec.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     dec.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     dec.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -141,6 +146,7 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             num_beams=args.num_beams,
             engine=args.engine,
+            answer_choices=args.answer_choices,
             max_new_tokens=args.max_new_tokens,
             prompt_style=args.prompt_style,
             template=args.template or templates.get("base"),

@@ -2,6 +2,7 @@
 
     idefics generate --image examples/red_circle.png "What color is the shape?"
     idefics generate --raw --image a.png --image b.png $'User:<image><image>Which?<end_of_utterance>\\nAssistant:'
+    idefics generate --image a.png --choice red,blue,green "What color is the shape?"   # or --json-schema / --regex
 
 The default model is the demo model shipped with the package (`idefics.DEMO_MODEL`). Without `--raw` the question
 becomes one user turn of the instruct chat format, images first; generation stops at `<end_of_utterance>`.
@@ -47,6 +48,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--dtype", choices=["auto", *DTYPES], help="default: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on GPU)")
+    structured = p.add_mutually_exclusive_group()
+    structured.add_argument("--json-schema", metavar="FILE", help="the answer is JSON valid against this schema file")
+    structured.add_argument("--regex", metavar="R", help="the answer matches this regular expression")
+    structured.add_argument("--choice", metavar="A,B,C", help="the answer is exactly one of these comma-separated")
     add_quantize_arguments(p)
     p.add_argument("--json", action="store_true", help="print one JSON object (answer, token counts, timings)")
     p.set_defaults(func=run)
@@ -158,6 +163,25 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"adapter folder {args.adapter!r} does not exist")
 
 
+def constraint(args: argparse.Namespace):
+    """The Constraint --json-schema, --regex or --choice asks for (None without them); UserError when it is bad."""
+    from ..generation.constraints import Constraint, ConstraintError
+
+    try:
+        if args.json_schema is not None:
+            path = Path(args.json_schema)
+            if not path.is_file():
+                raise UserError(f"--json-schema: the file {args.json_schema!r} does not exist")
+            return Constraint.json_schema(path.read_text(encoding="utf-8"), param="--json-schema")
+        if args.regex is not None:
+            return Constraint.regex(args.regex, param="--regex")
+        if args.choice is not None:
+            return Constraint.choice([c for c in args.choice.split(",") if c], param="--choice")
+    except ConstraintError as err:
+        raise UserError(str(err)) from None
+    return None
+
+
 def generation_config(args: argparse.Namespace, tokenizer):
     """Greedy (or sampling with --temperature > 0) until `<end_of_utterance>` or `</s>`; never an image token."""
     from ..generation import GenerationConfig
@@ -174,6 +198,7 @@ def generation_config(args: argparse.Namespace, tokenizer):
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
         bad_words_ids=[[tokenizer.convert_tokens_to_ids(t)] for t in (IMAGE_TOKEN, FAKE_IMAGE_TOKEN)],
         compile=args.compile,
+        constraint=constraint(args),
     )
 
 

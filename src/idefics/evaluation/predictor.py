@@ -27,7 +27,8 @@ def end_token_ids(tokenizer) -> list[int]:
 class GeneratePredictor:
     """Generation with `model.generate` on left-padded batches of processor prompts."""
 
-    def __init__(self, model, processor, *, max_new_tokens: int, num_beams: int = 1, stop_strings: Sequence[str] = ()):
+    def __init__(self, model, processor, *, max_new_tokens: int, num_beams: int = 1, stop_strings: Sequence[str] = (),
+                 constraint=None):  # fmt: skip
         tokenizer = processor.tokenizer
         tokenizer.padding_side = "left"  # every row's continuation starts at the same column
         self.model, self.processor = model, processor
@@ -39,6 +40,7 @@ class GeneratePredictor:
             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.end_ids[0],
             stop_strings=list(stop_strings) or None,
             bad_words_ids=[[tokenizer.convert_tokens_to_ids(t)] for t in (IMAGE_TOKEN, FAKE_IMAGE_TOKEN)],
+            constraint=constraint,
         )
 
     @torch.inference_mode()
@@ -70,14 +72,15 @@ class EnginePredictor:
     """
 
     def __init__(self, model, processor, *, max_new_tokens: int, stop_strings: Sequence[str] = (),
-                 engine_config=None):  # fmt: skip
+                 engine_config=None, constraint=None):  # fmt: skip
         from ..serving import Engine, EngineConfig, SamplingParams
 
         self.processor = processor
         config = engine_config or EngineConfig(max_batch_size=8, max_queue=256, max_images_per_request=33)
         self.engine = Engine(model, processor, config).start()
         self.params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0, stop=list(stop_strings),
-                                     stop_token_ids=end_token_ids(processor.tokenizer))  # fmt: skip
+                                     stop_token_ids=end_token_ids(processor.tokenizer),
+                                     constraint=constraint)  # fmt: skip
 
     def __call__(self, prompts: Sequence[list]) -> list[str]:
         encoded = [self.processor([prompt], add_end_of_utterance_token=False) for prompt in prompts]

@@ -74,6 +74,7 @@ class EvalConfig:
     engine: bool = False  # generate through the continuous-batching engine (greedy only)
     # the model sharded over this many processes (idefics.parallel): the engine runs on rank 0, the others follow
     tensor_parallel: bool = False
+    answer_choices: str | None = None  # vqa: a file of answers, one a line; generation is constrained to them
     max_new_tokens: int | None = None  # default per task (MAX_NEW_TOKENS)
     prompt_style: str = "auto"  # "auto" (instruct when the tokenizer has <end_of_utterance>), "base", "instruct"
     template: str | None = None  # base-style template (see prompts.py); default per task
@@ -105,6 +106,8 @@ class EvalConfig:
             self.engine = True  # the other ranks follow rank 0's engine
         if self.engine and self.num_beams > 1:
             raise ValueError("the engine decodes greedily: use num_beams=1 with engine=True (and tensor parallelism)")
+        if self.answer_choices is not None and (self.task != "vqa" or self.num_beams > 1):
+            raise ValueError("answer_choices constrains greedy VQA answers: use it with task 'vqa' and num_beams=1")
         if self.prompt_style not in ("auto", *STYLES):
             raise ValueError(f"prompt_style must be 'auto', 'base' or 'instruct', got {self.prompt_style!r}")
         required = {"vqa": ("questions", "images"), "caption": ("annotations", "images"),
@@ -224,11 +227,16 @@ def default_predictor(config: EvalConfig, model, processor, *, stops: list[str])
     from .predictor import EnginePredictor, GeneratePredictor
 
     max_new = config.max_new_tokens or MAX_NEW_TOKENS[config.task]
+    constraint = None
+    if config.answer_choices is not None:  # the answer is exactly one of the listed ones
+        from ..generation.constraints import Constraint
+
+        constraint = Constraint.choice(read_classes(config.answer_choices), param="answer_choices")
     if not config.engine:
         yield GeneratePredictor(model, processor, max_new_tokens=max_new, num_beams=config.num_beams,
-                                stop_strings=stops)  # fmt: skip
+                                stop_strings=stops, constraint=constraint)  # fmt: skip
         return
-    with EnginePredictor(model, processor, max_new_tokens=max_new, stop_strings=stops,
+    with EnginePredictor(model, processor, max_new_tokens=max_new, stop_strings=stops, constraint=constraint,
                          engine_config=engine_config(config)) as predictor:  # fmt: skip
         yield predictor
 

@@ -1,10 +1,13 @@
 """Token generation: one cached loop (prefill + decode steps) that generate, streaming, CLI and server consume."""
 
 from .config import GenerationConfig
+from .constraints import Constraint, ConstraintError
 from .loop import DecodeState, Step, decode_step, generate, generate_steps, prefill
 from .stream import TextDeltas, stream_generate
 
 __all__ = [
+    "Constraint",
+    "ConstraintError",
     "DecodeState",
     "GenerationConfig",
     "Step",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+from .constraints import Constraint
+
 
 @dataclass
 class GenerationConfig:
@@ -24,6 +26,7 @@ class GenerationConfig:
     seed: int | None = None  # seeds a private torch.Generator for sampling
     compile: bool = False  # torch.compile the decode step over a static cache (and CUDA graphs on GPU)
     cuda_graphs: bool | None = None  # capture the decode step as a CUDA graph; None: on CUDA when compile=True
+    constraint: Constraint | None = None  # structured output every row must match (needs a tokenizer)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -40,6 +43,10 @@ class GenerationConfig:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.num_beams < 1:
             raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
+        if self.constraint is not None and not isinstance(self.constraint, Constraint):
+            raise ValueError(f"constraint must be a Constraint, got {type(self.constraint).__name__}")
+        if self.constraint is not None and self.num_beams > 1:
+            raise ValueError("constraints work with greedy search and sampling, not beam search (num_beams > 1)")
         if isinstance(self.eos_token_id, int):
             self.eos_token_id = [self.eos_token_id]
         if isinstance(self.stop_strings, str):

@@ -17,6 +17,7 @@ from ..cache import IdeficsCache
 from ..modeling.layout import use_decode_layout
 from .compiling import compiled_for, dynamic_span, fast_repeat
 from .config import GenerationConfig
+from .grammar import apply_bitmask_, compiler_for, fill_bitmask, new_bitmask
 from .graphs import CudaGraphStep
 from .processors import process
 from .stopping import StopStrings, eos_hits
@@ -220,6 +221,13 @@ def generate_steps(
     if config.stop_strings and tokenizer is None:
         raise ValueError("stop_strings need a tokenizer: pass tokenizer= (or use the processor's)")
     generator = sampling_generator(model, config, generator, input_ids.device)
+    grammars = bitmask = None
+    if config.constraint is not None:  # compiled before the prefill, so that a bad schema fails fast
+        grammar = compiler_for(tokenizer, model.config.vocab_size + model.config.additional_vocab_size).compile(
+            config.constraint
+        )
+        grammars = [grammar.start(config.eos_token_id or []) for _ in range(b)]
+        bitmask = new_bitmask(b, grammar.compiler)
     logits, state = prefill(
         model,
         input_ids,
@@ -237,6 +245,11 @@ def generate_steps(
     stop = StopStrings(config.stop_strings, tokenizer) if config.stop_strings else None
     finished = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
     for i in range(config.max_new_tokens):
+        if grammars is not None:
+            live = [(r, g) for r, (g, done) in enumerate(zip(grammars, finished.tolist(), strict=True)) if not done]
+            bitmask.fill_(-1)
+            fill_bitmask(bitmask, live)
+            apply_bitmask_(logits, bitmask)
         scores = process(
             logits, config, seen=seen, history=sequences[:, : t + i], num_generated=i, sampling=config.do_sample
         )
@@ -249,6 +262,10 @@ def generate_steps(
         if seen is not None:
             seen[torch.arange(b), tokens] = True
         done = eos_hits(tokens, eos)
+        if grammars is not None:  # a complete output that nothing can extend ends its row
+            chosen, ends = tokens.tolist(), set(config.eos_token_id or [])
+            complete = [r for r, g in live if chosen[r] not in ends and g.accept(chosen[r])]
+            done[complete] = True
         if stop is not None:
             hits = stop([row.tolist() for row in sequences[:, t : t + i + 1]])
             done |= torch.tensor(hits, device=tokens.device)

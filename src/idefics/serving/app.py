@@ -29,6 +29,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from ..generation.constraints import ConstraintError
 from ..processing.chat import Text
 from ..processing.processor import IMAGE_TOKEN
 from .events import FinishEvent, TokenEvent
@@ -192,6 +193,8 @@ def create_app(engine, *, config: ServerConfig) -> FastAPI:
             return await run_in_threadpool(engine.submit, prompt, params)
         except ContextLengthError as err:
             raise ApiError(400, str(err), param=param, code="context_length_exceeded") from None
+        except ConstraintError as err:  # a bad schema, regex or choice list: named by its field
+            raise ApiError(400, str(err), param=err.param, code="invalid_constraint") from None
         except EngineOverloaded as err:
             raise ApiError(429, f"the server is overloaded, try again later ({err})") from None
         except EngineDraining:

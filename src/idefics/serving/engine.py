@@ -5,7 +5,9 @@ Each iteration of the engine thread: apply cancellations, run one decode step ov
 finished, then admit waiting requests within the prefill token budget: they are prefilled together (prefill.py:
 left-padded into one batch, all their images through the vision tower and perceiver in one call, image K/V once per
 request), copied into their slot(s) (n of them for n choices) and join the next decode step. Requests are
-tokenised and their images preprocessed in the submitting thread, so bad input fails at `submit`.
+tokenised, their images preprocessed and their structured-output constraint compiled (cached per constraint) in the
+submitting thread, so bad input fails at `submit` and a slow compile never stalls the decode steps. A constrained
+row's logits are masked to its grammar's allowed tokens where its token is chosen (`_emit`), nowhere else.
 
 The decode step is eager over exactly the positions in use on CPU. With `compile` it has fixed shapes per
 (batch bucket, length bucket), every image slot read: torch.compile'd with `compile=True`, and captured as a CUDA
@@ -30,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from ..generation.compiling import compiled_for, fast_repeat
+from ..generation.grammar import GrammarError, apply_bitmask_, compiler_for, fill_bitmask, new_bitmask
 from ..generation.graphs import CudaGraphStep
 from .events import FinishEvent, TokenEvent, TokenLogprob
 from .inputs import encode_prompt
@@ -167,8 +170,8 @@ class Engine:
 
     # -- submission -------------------------------------------------------------------------------------------------
     def submit(self, prompt, params: SamplingParams | None = None, *, request_id: str | None = None) -> RequestStream:
-        """Queue a request; see the API notes in `idefics.serving`. Raises ValueError, ContextLengthError,
-        EngineOverloaded or EngineDraining."""
+        """Queue a request; see the API notes in `idefics.serving`. Raises ValueError (ConstraintError for a
+        constraint that does not compile), ContextLengthError, EngineOverloaded or EngineDraining."""
         if self.follower:
             raise RuntimeError("this rank replays rank 0's engine (follow()); submit requests on rank 0")
         if self._draining:
@@ -189,14 +192,22 @@ class Engine:
             )
         if params.max_tokens is None:
             params = dataclasses.replace(params, max_tokens=self.max_model_len - t)
+        grammar = None
+        if params.constraint is not None:  # compiled (or found in the cache) here, never on the engine thread
+            if self.tokenizer is None:
+                raise ValueError("SamplingParams.constraint needs an engine with a processor (its tokenizer)")
+            grammar = compiler_for(self.tokenizer, self.vocab_size).compile(params.constraint)
         request_id = request_id if request_id is not None else f"req-{uuid.uuid4().hex[:16]}"
         stream = RequestStream(request_id, t, params.n, self._cancel)
-        request = Request(request_id, inputs.input_ids, inputs.image_inputs, inputs.num_images, params, stream)
+        request = Request(request_id, inputs.input_ids, inputs.image_inputs, inputs.num_images, params, stream,
+                          grammar=grammar)  # fmt: skip
         with self._cond:
             if self._draining:
                 raise EngineDraining("the engine is shutting down and accepts no new requests")
             self.scheduler.add(request)
             self._cond.notify_all()
+        if grammar is not None:
+            self.metrics.constrained(grammar.constraint.kind)
         return stream
 
     def _cancel(self, stream: RequestStream) -> None:
@@ -429,6 +440,11 @@ class Engine:
     def _emit(self, rows: list[Row], logits: torch.Tensor) -> None:
         """Choose each row's next token from logits (rows, v), stream it, finish the rows that are done."""
         index = torch.tensor([r.slot for r in rows], device=self.device)
+        constrained = [(i, r.grammar) for i, r in enumerate(rows) if r.grammar is not None]
+        if constrained:  # the other rows' logits stay untouched (their bitmask rows allow everything)
+            bitmask = new_bitmask(len(rows), constrained[0][1].compiler)
+            fill_bitmask(bitmask, constrained)
+            apply_bitmask_(logits, bitmask)
         penalised = any(r.params.repetition_penalty != 1.0 for r in rows)
         seen = self.seen[index] if penalised else None
         tokens, logprobs = choose(logits, [r.sampling() for r in rows], seen=seen, generator=self.generator)
@@ -448,9 +464,13 @@ class Engine:
             self.metrics.observe("itl", now - row.last_token)
         row.last_token = now
         row.tokens.append(token)
+        try:  # a complete structured output that nothing can extend ends the row
+            complete = row.grammar is not None and token not in row.eos and row.grammar.accept(token)
+        except GrammarError as err:
+            return [self._finish(row, "error", now=now, error=str(err))]
         text = row.deltas.push(token) if row.deltas is not None else ""
         reason = None
-        if row.deltas is not None and row.deltas.stopped or token in row.eos:
+        if row.deltas is not None and row.deltas.stopped or token in row.eos or complete:
             reason = "stop"
         elif len(row.tokens) >= row.params.max_tokens:
             reason = "length"

@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 
 @dataclass
 class TokenLogprob:
-    """The chosen token's log-probability under the model (before sampling filters) and the top alternatives."""
+    """The chosen token's log-probability under the model (a constraint's mask applied, sampling filters not) and the
+    top alternatives."""
 
     token_id: int
     token: str

@@ -36,6 +36,7 @@ class EngineMetrics:
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.finished_total = {"stop": 0, "length": 0, "cancelled": 0, "error": 0}
+        self.constrained_total = {"json_schema": 0, "json_object": 0, "regex": 0, "choice": 0}
         self.latency = {name: LatencySeries() for name in ("ttft", "itl", "e2e", "queue_time")}
 
     def observe(self, name: str, seconds: float) -> None:
@@ -46,11 +47,17 @@ class EngineMetrics:
         with self.lock:
             self.finished_total[reason] += 1
 
+    def constrained(self, kind: str) -> None:
+        """Count an accepted request with a structured-output constraint of this kind."""
+        with self.lock:
+            self.constrained_total[kind] += 1
+
     def snapshot(self) -> dict:
         with self.lock:
             return {
                 "prompt_tokens_total": self.prompt_tokens_total,
                 "generation_tokens_total": self.generation_tokens_total,
                 "finished_total": dict(self.finished_total),
+                "constrained_total": dict(self.constrained_total),
                 **{name: series.summary() for name, series in self.latency.items()},
             }

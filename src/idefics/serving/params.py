@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..generation.constraints import Constraint
+
 MAX_LOGPROBS = 20  # the most top alternatives a request may ask for per token
 
 
@@ -48,6 +50,7 @@ class SamplingParams:
     n: int = 1  # completions of the prompt, sharing its prefill
     logprobs: int | None = None  # None: none; k: the chosen token's logprob and the k likeliest alternatives
     skip_special_tokens: bool = True  # leave special tokens out of the text
+    constraint: Constraint | None = None  # structured output (JSON schema / object, regex, choice); None: free text
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -70,6 +73,7 @@ class SamplingParams:
             ("logprobs", self.logprobs is None or (isinstance(self.logprobs, int)
                                                    and 0 <= self.logprobs <= MAX_LOGPROBS),
              f"None or an integer in [0, {MAX_LOGPROBS}]"),
+            ("constraint", self.constraint is None or isinstance(self.constraint, Constraint), "a Constraint or None"),
         ]  # fmt: skip
         for name, ok, expected in checks:
             if not ok:

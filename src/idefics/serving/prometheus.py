@@ -57,6 +57,11 @@ class EngineCollector(Collector):
         for reason, count in sorted(stats.get("finished_total", {}).items()):
             finished.add_metric([self.model_name, reason], count)
         yield finished
+        constrained = CounterMetricFamily("idefics_constrained_requests", "Requests with a structured-output "
+                                          "constraint, by kind.", labels=["model_name", "kind"])  # fmt: skip
+        for kind, count in sorted(stats.get("constrained_total", {}).items()):
+            constrained.add_metric([self.model_name, kind], count)
+        yield constrained
 
 
 def _family(kind, name: str, doc: str, labels: list[str], values: list[str], value: float):

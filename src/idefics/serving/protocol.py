@@ -2,8 +2,10 @@
 
 Requests follow OpenAI's chat and completions schemas plus the sampling extras vLLM users send (`top_k`,
 `min_tokens`, `repetition_penalty`, `ignore_eos`, `stop_token_ids`, `skip_special_tokens`); unknown fields are
-ignored. `/v1/completions` takes one raw IDEFICS prompt in which each `<image>` marks where the next of `images`
-(data URIs or URLs) goes. Responses and stream chunks have exactly OpenAI's shape, so official clients parse them.
+ignored. Structured outputs: OpenAI's `response_format` (chat) and vLLM's `structured_outputs` and older
+`guided_json` / `guided_regex` / `guided_choice` (both endpoints), at most one per request. `/v1/completions`
+takes one raw IDEFICS prompt in which each `<image>` marks where the next of `images` (data URIs or URLs) goes.
+Responses and stream chunks have exactly OpenAI's shape, so official clients parse them.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import uuid
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from ..generation.constraints import Constraint, ConstraintError
 
 MAX_TOP_LOGPROBS = 20
 INT32 = 2**31 - 1  # bounds integer fields, so a huge number is a clear 400 rather than an overflow somewhere deeper
@@ -58,6 +62,39 @@ class StreamOptions(Request):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(Request):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: str = "response"
+    description: str | None = None
+    json_schema: dict | bool = Field(alias="schema")
+    strict: bool | None = None  # accepted; the schema is always enforced
+
+
+class ResponseFormat(Request):
+    """OpenAI's `response_format`."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError('type "json_schema" needs a json_schema: {"name": ..., "schema": {...}}')
+        return self
+
+
+class StructuredOutputs(Request):
+    """vLLM's `structured_outputs`: one of json (a schema), json_object, regex, choice."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    json_schema: dict | str | None = Field(None, alias="json")
+    json_object: bool | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None  # refused: not supported
+    structural_tag: str | dict | None = None  # refused: not supported
+
+
 class SamplingRequest(Request):
     """The fields shared by chat and completions requests."""
 
@@ -77,6 +114,11 @@ class SamplingRequest(Request):
     ignore_eos: bool = False
     stop_token_ids: list[Annotated[int, Field(ge=0, le=INT32)]] | None = None
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None  # refused: not supported
 
     @field_validator("stop")
     @classmethod
@@ -107,7 +149,42 @@ class SamplingRequest(Request):
             n=self.n,
             logprobs=logprobs,
             skip_special_tokens=self.skip_special_tokens,
+            constraint=self.constraint(),
         )
+
+    def constraints(self) -> list[Constraint]:
+        """Every structured-output constraint the request names (the server takes at most one)."""
+        found = []
+        so = self.structured_outputs
+        for param, unsupported in (("structured_outputs.grammar", so and so.grammar),
+                                   ("structured_outputs.structural_tag", so and so.structural_tag),
+                                   ("guided_grammar", self.guided_grammar)):  # fmt: skip
+            if unsupported:
+                raise ConstraintError("grammars are not supported; use a JSON schema, a regex or choices", param=param)
+        if so is not None:
+            if so.json_schema is not None:
+                found.append(Constraint.json_schema(so.json_schema, param="structured_outputs.json"))
+            if so.json_object:
+                found.append(Constraint.json_object(param="structured_outputs.json_object"))
+            if so.regex is not None:
+                found.append(Constraint.regex(so.regex, param="structured_outputs.regex"))
+            if so.choice is not None:
+                found.append(Constraint.choice(so.choice, param="structured_outputs.choice"))
+        if self.guided_json is not None:
+            found.append(Constraint.json_schema(self.guided_json, param="guided_json"))
+        if self.guided_regex is not None:
+            found.append(Constraint.regex(self.guided_regex, param="guided_regex"))
+        if self.guided_choice is not None:
+            found.append(Constraint.choice(self.guided_choice, param="guided_choice"))
+        return found
+
+    def constraint(self) -> Constraint | None:
+        """The request's one constraint, or None; ConstraintError (naming the field) for a bad or second one."""
+        found = self.constraints()
+        if len(found) > 1:
+            raise ConstraintError(f"one structured-output constraint per request, got {len(found)}: "
+                                  f"{', '.join(c.param for c in found)}", param=found[1].param)  # fmt: skip
+        return found[0] if found else None
 
 
 class ChatCompletionRequest(SamplingRequest):
@@ -115,6 +192,17 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: int | None = Field(None, ge=1, le=INT32)  # OpenAI's newer name for max_tokens
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    response_format: ResponseFormat | None = None
+
+    def constraints(self) -> list[Constraint]:
+        found = super().constraints()
+        fmt = self.response_format
+        if fmt is not None and fmt.type == "json_schema":
+            schema = fmt.json_schema.json_schema
+            found.insert(0, Constraint.json_schema(schema, param="response_format.json_schema.schema"))
+        elif fmt is not None and fmt.type == "json_object":
+            found.insert(0, Constraint.json_object(param="response_format"))
+        return found
 
     @model_validator(mode="after")
     def _check(self) -> ChatCompletionRequest:

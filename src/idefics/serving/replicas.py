@@ -29,7 +29,7 @@ from ..parallel import TensorParallel
 from ..parallel.world import timeout
 
 DTYPES = {str(t): t for t in (torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int32, torch.bool)}
-SKIPPED_FIELDS = {"stream", "params", "arrival", "arrival_clock"}  # rank 0's own business
+SKIPPED_FIELDS = {"stream", "params", "arrival", "arrival_clock", "grammar"}  # rank 0's own business
 
 
 def heartbeat_interval() -> float:
@@ -73,7 +73,9 @@ def encode_requests(requests: list) -> tuple[list[dict], list[torch.Tensor]]:
             return {k: encode(v) for k, v in value.items()}
         if isinstance(value, list | tuple):
             return [encode(v) for v in value]
-        return value
+        if value is None or isinstance(value, str | int | float | bool):
+            return value
+        raise TypeError(f"a request field holds a {type(value).__name__}, which the other ranks cannot be sent")
 
     fields = [{f.name: encode(getattr(r, f.name)) for f in dataclasses.fields(r) if f.name not in SKIPPED_FIELDS}
               for r in requests]  # fmt: skip

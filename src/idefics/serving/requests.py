@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..generation.grammar import Grammar, GrammarState
 from ..generation.stopping import Detokenizer
 from ..generation.stream import TextDeltas
 from .events import Completion, FinishEvent, TokenEvent, TokenLogprob
@@ -36,6 +37,7 @@ class Request:
     stream: RequestStream
     arrival: float = field(default_factory=time.time)  # Unix time
     arrival_clock: float = field(default_factory=time.perf_counter)
+    grammar: Grammar | None = None  # the compiled constraint (compiled in the submitting thread)
 
     @property
     def prompt_tokens(self) -> int:
@@ -160,6 +162,11 @@ class Row:
     first_token: float | None = None  # perf_counter times
     last_token: float | None = None
     admitted: float = 0.0
+    grammar: GrammarState | None = None  # this choice's position in the request's constraint
+
+    def __post_init__(self) -> None:
+        if self.request.grammar is not None and self.grammar is None:
+            self.grammar = self.request.grammar.start(self.eos)
 
     @property
     def params(self) -> SamplingParams:

@@ -5,7 +5,12 @@ Each iteration of the engine thread: apply cancellations, run one decode step ov
 finished, then admit waiting requests within the prefill token budget: they are prefilled together (prefill.py:
 left-padded into one batch, all their images through the vision tower and perceiver in one call, image K/V once per
 request), copied into their slot(s) (n of them for n choices) and join the next decode step. Requests are
-tokenised and their images preprocessed in the submitting thread, so bad input fails at `submit`.
+tokenised, their images preprocessed and hashed in the submitting thread, so bad input fails at `submit`.
+
+Two caches skip repeated work: the image cache (image_cache.py) encodes each distinct image once, and the prefix
+cache (prefix.py) lets a prompt that starts like a sequence some slot holds (a chat's next turn) reuse that slot's
+K/V and prefill only the rest. Both decide inside the operations that change the slots (`prefill_into`, a decode
+step, a release), as a deterministic function of them.
 
 The decode step is eager over exactly the positions in use on CPU. With `compile` it has fixed shapes per
 (batch bucket, length bucket), every image slot read: torch.compile'd with `compile=True`, and captured as a CUDA
@@ -31,7 +36,9 @@ from .inputs import encode_prompt
 from .metrics import EngineMetrics
 from .openmp import release_openmp_team
 from .params import ContextLengthError, EngineDraining, SamplingParams
-from .prefill import Prefilled, padded_tokens, prefill_batch
+from ..image_cache import ImageCache
+from .prefill import padded_tokens, prefill_into
+from .prefix import prompt_record
 from .requests import Request, RequestStream, Row, make_deltas
 from .sampler import choose, top_logprobs
 from .scheduler import Scheduler
@@ -52,6 +59,11 @@ class EngineConfig:
     # True: fixed-shape steps, torch.compile'd, each bucket captured as a CUDA graph on CUDA; "auto": on CUDA the
     # fixed-shape steps as CUDA graphs without torch.compile, on CPU eager (the default there, by measurement)
     compile: bool | str = False
+    # bytes of encoded images kept for reuse (the image cache; 0: off); per process
+    image_cache_memory: int = 256 << 20
+    # a prompt reuses the K/V of the longest prefix a slot holds (freed slots keep theirs, least recently used
+    # given out first); False: every prompt is prefilled whole and the lowest free slots are used
+    prefix_cache: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_queue", "prefill_token_budget"):
@@ -64,6 +76,9 @@ class EngineConfig:
         if self.cache_memory is not None and (not isinstance(self.cache_memory, int) or self.cache_memory < 1):
             raise ValueError(f"EngineConfig.cache_memory must be a number of bytes >= 1 or None, got "
                              f"{self.cache_memory!r}")  # fmt: skip
+        if not isinstance(self.image_cache_memory, int) or self.image_cache_memory < 0:
+            raise ValueError(f"EngineConfig.image_cache_memory must be a number of bytes >= 0, got "
+                             f"{self.image_cache_memory!r}")  # fmt: skip
         if self.compile not in (True, False, "auto"):
             raise ValueError(f"EngineConfig.compile must be True, False or 'auto', got {self.compile!r}")
 
@@ -97,7 +112,8 @@ class Engine:
                     "max_model_len or max_images_per_request, or give more memory"
                 )
         self.slots = SlotCache(model, num_slots=num_slots, max_len=self.max_model_len,
-                               max_images=config.max_images_per_request)  # fmt: skip
+                               max_images=config.max_images_per_request, retain=config.prefix_cache)  # fmt: skip
+        self.image_cache = ImageCache(config.image_cache_memory) if config.image_cache_memory else None
         self.seen = torch.zeros(num_slots, self.vocab_size, dtype=torch.bool, device=self.device)
         self.generator = torch.Generator(device=self.device)
         self.generator.seed()
@@ -175,7 +191,9 @@ class Engine:
             params = dataclasses.replace(params, max_tokens=self.max_model_len - t)
         request_id = request_id if request_id is not None else f"req-{uuid.uuid4().hex[:16]}"
         stream = RequestStream(request_id, t, params.n, self._cancel)
-        request = Request(request_id, inputs.input_ids, inputs.image_inputs, inputs.num_images, params, stream)
+        record = prompt_record(inputs.input_ids, inputs.image_inputs.get("image_attention_mask"), inputs.image_keys)
+        request = Request(request_id, inputs.input_ids, inputs.image_inputs, inputs.num_images, params, stream,
+                          inputs.image_keys, record)  # fmt: skip
         with self._cond:
             if self._draining:
                 raise EngineDraining("the engine is shutting down and accepts no new requests")
@@ -196,12 +214,18 @@ class Engine:
 
     # -- metrics ----------------------------------------------------------------------------------------------------
     def stats(self) -> dict:
-        """Requests running and waiting, slots, cache bytes, token counts, finish reasons, latency summaries."""
+        """Requests running and waiting, slots, cache bytes, token counts, finish reasons, latency summaries, and
+        the image and prefix caches' hits, misses, evictions and bytes."""
         with self._cond:
             waiting = len(self.scheduler.waiting)
             running, used = self._running_requests, self.slots.num_slots - self.slots.free
+            prefix = {**self.slots.prefix_stats.snapshot(), "bytes": self.slots.retained_bytes,
+                      "enabled": self.slots.retain}  # fmt: skip
+        images = self.image_cache.stats() if self.image_cache is not None else {
+            "hits": 0, "misses": 0, "evictions": 0, "entries": 0, "bytes": 0, "max_bytes": 0}  # fmt: skip
         return {"running": running, "waiting": waiting, "slots_used": used, "slots_total": self.slots.num_slots,
-                "cache_bytes": self.slots.nbytes, **self.metrics.snapshot()}  # fmt: skip
+                "cache_bytes": self.slots.nbytes, **self.metrics.snapshot(), "image_cache": images,
+                "prefix_cache": prefix}  # fmt: skip
 
     # -- the engine thread ------------------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -249,40 +273,47 @@ class Engine:
             return
         with self._cond:
             requests = self.scheduler.admit(free_slots=self.slots.free, cost=padded_tokens)
+            slots = [self.slots.allocate(r.params.n, r.record) for r in requests]
         if not requests:
             return
         try:
-            batch = prefill_batch(self.model, requests)
+            logits = prefill_into(self.model, self.slots, requests, slots, self.image_cache)
         except Exception:  # one bad request must not fail the others: prefill each alone to find it
+            for group in slots:
+                for slot in group:
+                    self.slots.forget(slot)
             if len(requests) == 1:
-                self._fail_prefill(requests[0])
+                self._fail_prefill(requests[0], slots[0])
                 return
-            for request in requests:
+            for request, group in zip(requests, slots, strict=True):
                 try:
-                    self._start([request], prefill_batch(self.model, [request]))
+                    self._start([request], [group], prefill_into(self.model, self.slots, [request], [group],
+                                                                 self.image_cache))  # fmt: skip
                 except Exception:
-                    self._fail_prefill(request)
+                    self._fail_prefill(request, group)
             return
-        self._start(requests, batch)
+        self._start(requests, slots, logits)
 
-    def _fail_prefill(self, request: Request) -> None:
+    def _fail_prefill(self, request: Request, slots: list[int]) -> None:
         err = sys.exc_info()[1]
+        with self._cond:
+            for slot in slots:
+                self.slots.forget(slot)
+                self.slots.release(slot)
         self._finish_unstarted(request, "error", error=f"{type(err).__name__}: {err}")
 
-    def _start(self, requests: list[Request], batch: Prefilled) -> None:
-        """Copy each prefilled request into its slot(s) (n of them) and hand out its first tokens."""
+    def _start(self, requests: list[Request], slots: list[list[int]], logits: torch.Tensor) -> None:
+        """Hand out each prefilled request's first tokens (it fills slots[i], n of them); logits (b, v)."""
         now = time.perf_counter()
         rows = []
-        for i, request in enumerate(requests):
+        for request, group in zip(requests, slots, strict=True):
             t = request.prompt_tokens
             self.metrics.observe("queue_time", now - request.arrival_clock)
             with self.metrics.lock:
                 self.metrics.prompt_tokens_total += t
             with self._cond:
-                slots = self.slots.allocate(request.params.n)
                 self._running_requests += 1
-            for index, slot in enumerate(slots):
-                self.slots.load(slot, batch.state, t, row=i, offset=batch.offsets[i], images=batch.images[i])
+            for index, slot in enumerate(group):
                 self.seen[slot] = False
                 self.seen[slot, request.input_ids[0]] = True
                 p = request.params
@@ -293,7 +324,7 @@ class Engine:
                 rows.append(Row(request, index, slot, eos, make_deltas(self.tokenizer, p), generator, admitted=now))
         for row in rows:
             self._rows[row.slot] = row
-        logits = batch.logits[torch.tensor([requests.index(row.request) for row in rows], device=self.device)]
+        logits = logits[torch.tensor([requests.index(row.request) for row in rows], device=self.device)]
         self._emit(rows, logits)
 
     @torch.inference_mode()
@@ -306,7 +337,7 @@ class Engine:
         tokens = [0] * b
         for s in slots:
             tokens[s] = self._rows[s].tokens[-1]
-        self.slots.positions.copy_(torch.tensor(lengths))  # free slots write (unread) at position 0
+        self.slots.positions.copy_(torch.tensor(lengths))  # free slots write (unread) after what they hold
         token_tensor = torch.tensor(tokens, device=self.device)
         try:
             if self.static:
@@ -316,8 +347,7 @@ class Engine:
         except Exception as err:
             self._fail_running(f"{type(err).__name__}: {err}")
             return
-        for s in slots:
-            lengths[s] += 1
+        self.slots.advance(slots, [tokens[s] for s in slots])
         if slots != list(range(b)):
             logits = logits[torch.tensor(slots, device=self.device)]
         self._emit([self._rows[s] for s in slots], logits)

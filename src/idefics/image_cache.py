@@ -129,8 +129,9 @@ def encode_cached(model, pixel_values: torch.Tensor, keys: list[str], cache: Ima
         fresh: dict[str, torch.Tensor] = {}
         if first:
             index = torch.tensor(list(first.values()), device=pixel_values.device)
-            encoded = backbone.encode_images(pixel_values=pixel_values.index_select(1, index),
-                                             interpolate_pos_encoding=interpolate_pos_encoding)  # (1, M, s, d)
+            encoded = backbone.encode_images(
+                pixel_values=pixel_values.index_select(1, index), interpolate_pos_encoding=interpolate_pos_encoding
+            )  # (1, M, s, d)
             for key, states in zip(first, encoded[0], strict=True):
                 fresh[key] = states.clone()  # its own storage: the cache's bytes are exactly what it holds
                 cache.insert(key, fresh[key])

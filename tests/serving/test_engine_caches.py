@@ -3,12 +3,11 @@ load with hits, misses and evictions forced by tiny caches; a changed image is a
 
 import pytest
 import torch
+from test_engine import NAME, alone, encoded
 
 import idefics
 from idefics.image_cache import ImageCache, encode_cached, image_key
 from idefics.serving import Engine, EngineConfig, SamplingParams
-
-from test_engine import NAME, alone, encoded
 
 
 @pytest.fixture(scope="module")

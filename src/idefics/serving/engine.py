@@ -31,12 +31,12 @@ import torch
 
 from ..generation.compiling import compiled_for, fast_repeat
 from ..generation.graphs import CudaGraphStep
+from ..image_cache import ImageCache
 from .events import FinishEvent, TokenEvent, TokenLogprob
 from .inputs import encode_prompt
 from .metrics import EngineMetrics
 from .openmp import release_openmp_team
 from .params import ContextLengthError, EngineDraining, SamplingParams
-from ..image_cache import ImageCache
 from .prefill import padded_tokens, prefill_into
 from .prefix import prompt_record
 from .requests import Request, RequestStream, Row, make_deltas

@@ -102,6 +102,12 @@ class ImageCache:
                 if not self._in_use[key]:
                     del self._in_use[key]
 
+    def clear(self) -> None:
+        """Drop every entry not in use (the counters stay)."""
+        with self._lock:
+            for key in [k for k in self._entries if not self._in_use[k]]:
+                self.bytes -= self._entries.pop(key).nbytes
+
     def __len__(self) -> int:
         return len(self._entries)
 

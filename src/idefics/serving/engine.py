@@ -212,6 +212,14 @@ class Engine:
         if waiting is not None:
             self._finish_unstarted(waiting, "cancelled")
 
+    def clear_caches(self) -> None:
+        """Empty the image cache and the prefix records of free slots (e.g. before timing a cold run)."""
+        if self.image_cache is not None:
+            self.image_cache.clear()
+        with self._cond:
+            for slot in self.slots.free_slots:
+                self.slots.forget(slot)
+
     # -- metrics ----------------------------------------------------------------------------------------------------
     def stats(self) -> dict:
         """Requests running and waiting, slots, cache bytes, token counts, finish reasons, latency summaries, and

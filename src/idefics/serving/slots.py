@@ -74,6 +74,10 @@ class SlotCache:
     def free(self) -> int:
         return len(self._free)
 
+    @property
+    def free_slots(self) -> list[int]:
+        return sorted(self._free)
+
     def allocate(self, n: int, record: PromptRecord | None = None) -> list[int]:
         """n free slots (ValueError when fewer are free): the lowest ones; with `retain` and a prompt's record, first
         the free slot sharing its longest prefix (PREFIX_MIN_TOKENS at least), then the least recently freed ones."""

@@ -7,7 +7,7 @@ from test_engine import NAME, alone, encoded
 
 import idefics
 from idefics.image_cache import ImageCache, encode_cached, image_key
-from idefics.serving import Engine, EngineConfig, SamplingParams
+from idefics.serving import Engine, EngineConfig, SamplingParams, prefill
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,7 @@ def run_chats(model, config: EngineConfig, chats: dict, *, turns: int, max_token
     raise AssertionError("the engine did not finish")
 
 
-def test_multiturn_chats_are_exact_with_hits_misses_and_evictions(tiny):
+def test_multiturn_chats_are_exact_with_hits_misses_and_evictions(tiny, monkeypatch):
     # 4 chats over 4 slots, then chat 4 (the same tokens as chat 0 with another image: a miss after position 2, and
     # it evicts a record); an image cache holding two images (evictions); odd chats add an image at turn 2
     chats = {c: encoded(c, 18, 1) for c in range(4)}
@@ -75,6 +75,10 @@ def test_multiturn_chats_are_exact_with_hits_misses_and_evictions(tiny):
     c = tiny.config
     two_images = 2 * c.perceiver_config.resampler_n_latents * c.vision_config.embed_dim * tiny.model.dtype.itemsize
     base = dict(max_batch_size=4, max_images_per_request=2, prefill_token_budget=64)
+    batches = []  # rows of each prefill after reused prefixes
+    real = prefill.slot_prefill
+    monkeypatch.setattr(prefill, "slot_prefill", lambda model, cache, slots, *a: batches.append(len(slots)) or
+                        real(model, cache, slots, *a))  # fmt: skip
     on, on_engine = run_chats(tiny, EngineConfig(**base, image_cache_memory=two_images), chats, turns=4,
                               max_tokens=6, late=[4])  # fmt: skip
     off, off_engine = run_chats(tiny, EngineConfig(**base, image_cache_memory=0, prefix_cache=False), chats, turns=4,
@@ -88,6 +92,7 @@ def test_multiturn_chats_are_exact_with_hits_misses_and_evictions(tiny):
     prefix, images = stats["prefix_cache"], stats["image_cache"]
     assert prefix["hits"] == 15 and prefix["misses"] == 5 and prefix["evictions"] == 1, prefix
     assert prefix["tokens_reused"] > 0 and prefix["bytes"] > 0
+    assert sum(batches) == 15 and max(batches) >= 2  # next turns arriving together are prefilled together
     assert images["hits"] > 0 and images["misses"] > 0 and images["evictions"] > 0, images
     assert 0 < images["bytes"] <= two_images and images["entries"] == 2
     assert off_engine.stats()["prefix_cache"]["hits"] == 0 and off_engine.stats()["image_cache"]["bytes"] == 0

@@ -38,7 +38,7 @@ from .metrics import EngineMetrics
 from .openmp import release_openmp_team
 from .params import ContextLengthError, EngineDraining, SamplingParams
 from .prefill import padded_tokens, prefill_into
-from .prefix import prompt_record
+from .prefix import PREFIX_MIN_TOKENS, prompt_record
 from .requests import Request, RequestStream, Row, make_deltas
 from .sampler import choose, top_logprobs
 from .scheduler import Scheduler
@@ -280,7 +280,7 @@ class Engine:
         if self._abort:
             return
         with self._cond:
-            requests = self.scheduler.admit(free_slots=self.slots.free, cost=padded_tokens)
+            requests = self.scheduler.admit(free_slots=self.slots.free, cost=self._prefill_cost)
             slots = [self.slots.allocate(r.params.n, r.record) for r in requests]
         if not requests:
             return
@@ -301,6 +301,15 @@ class Engine:
                     self._fail_prefill(request, group)
             return
         self._start(requests, slots, logits)
+
+    def _prefill_cost(self, requests: list[Request]) -> int:
+        """Positions prefilled for these requests: the left-padded batch of those prefilled whole, and the
+        right-aligned batch of the rest after the prefix a slot holds (as prefill_into will run them)."""
+        whole, rest = [], []
+        for r in requests:
+            start = int(self.slots.shared_prefix(r.record).max()) if self.slots.retain else 0
+            (rest if start >= PREFIX_MIN_TOKENS else whole).append(r.prompt_tokens - start)
+        return padded_tokens(whole) + padded_tokens(rest)
 
     def _fail_prefill(self, request: Request, slots: list[int]) -> None:
         err = sys.exc_info()[1]

@@ -3,8 +3,9 @@
 `prefill_into` is the one operation that fills slots (a tensor-parallel rank replays it with the same arguments and
 makes the same cache decisions): every image of every request is looked up in the image cache and the missing ones
 are encoded in one call; a request whose prompt shares at least PREFIX_MIN_TOKENS leading positions with a slot's
-record (the prefix cache, prefix.py) prefills only the rest, into its slot (`slot_prefill`); the others are
-prefilled as one batch (`prefill_batch`) and copied into their slots.
+record (the prefix cache, prefix.py) prefills only the rest, straight into its slot, together with the other such
+requests (`slot_prefill`); the others are prefilled as one left-padded batch (`prefill_batch`) and copied into
+their slots.
 
 Their prompts are left-padded into one batch (b, T) with an attention mask, so each row keeps rotary positions
 0..t_i-1 and never attends to padding. Their images are encoded in one call over all of them (the vision tower and
@@ -22,9 +23,10 @@ import torch
 
 from ..generation.loop import DecodeState, prefill
 from ..image_cache import ImageCache, encode_cached
+from ..modeling.model import image_masks
 from .prefix import PREFIX_MIN_TOKENS
 from .requests import Request
-from .slots import SlotCache, slot_prefill
+from .slots import SlotCache
 
 
 @dataclass
@@ -48,7 +50,7 @@ def prefill_into(model, cache: SlotCache, requests: list[Request], slots: list[l
     states = encode_requests(model, requests, image_cache)
     given = {s for group in slots for s in group}
     logits: list[torch.Tensor | None] = [None] * len(requests)
-    batched = []
+    batched, reused = [], []  # requests prefilled whole; (request, prefix length) prefilled after a reused prefix
     for i, (request, group) in enumerate(zip(requests, slots, strict=True)):
         start, source = 0, None
         if cache.retain:
@@ -63,17 +65,20 @@ def prefill_into(model, cache: SlotCache, requests: list[Request], slots: list[l
             continue
         cache.prefix_stats.hits += 1
         cache.prefix_stats.tokens_reused += start
-        slot = group[0]
-        if source != slot:
-            cache.copy_positions(source, slot, start)
-        set_slot_images(model, cache, slot, request, states[i])
-        cache.set_record(slot, request.record)
-        logits[i] = slot_prefill(model, cache, slot, request.input_ids, start,
-                                 request.image_inputs.get("image_attention_mask"))[0]  # fmt: skip
-        for other in group[1:]:
-            cache.copy_positions(slot, other, request.prompt_tokens)
-            set_slot_images(model, cache, other, request, states[i])
-            cache.set_record(other, request.record)
+        if source != group[0]:
+            cache.copy_positions(source, group[0], start)
+        set_slot_images(model, cache, group[0], request, states[i])
+        cache.set_record(group[0], request.record)
+        reused.append((i, start))
+    if reused:
+        out = slot_prefill(model, cache, [slots[i][0] for i, _ in reused], [requests[i] for i, _ in reused],
+                           [start for _, start in reused])  # fmt: skip
+        for (i, _), row in zip(reused, out, strict=True):
+            logits[i] = row
+            for other in slots[i][1:]:
+                cache.copy_positions(slots[i][0], other, requests[i].prompt_tokens)
+                set_slot_images(model, cache, other, requests[i], states[i])
+                cache.set_record(other, requests[i].record)
     if batched:
         chosen = [requests[i] for i in batched]
         batch = prefill_batch(model, chosen, [states[i] for i in batched])
@@ -84,6 +89,67 @@ def prefill_into(model, cache: SlotCache, requests: list[Request], slots: list[l
                 cache.set_record(slot, requests[i].record)
             logits[i] = batch.logits[row]
     return torch.stack(logits)
+
+
+class SlotWrite:
+    """The K/V interface `run_layers` expects, for prefilling rows into their slots: row i (right-aligned in a
+    (b, h, u, hd) batch, u_i real columns) is written at positions start_i..start_i+u_i-1 of slot i, and the slots'
+    first T positions are returned, (b, h, T, hd) (a view for one row, else gathered)."""
+
+    static = False
+
+    def __init__(self, cache: SlotCache, slots: list[int], starts: list[int], widths: list[int], length: int):
+        self.cache, self.slots, self.starts, self.widths, self.t = cache, slots, starts, widths, length
+        self.index = torch.tensor(slots, device=cache.positions.device)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        u = k.shape[2]
+        k_buf, v_buf = self.cache.k[layer], self.cache.v[layer]
+        for i, (slot, start, width) in enumerate(zip(self.slots, self.starts, self.widths, strict=True)):
+            k_buf[slot, :, start : start + width] = k[i, :, u - width :]
+            v_buf[slot, :, start : start + width] = v[i, :, u - width :]
+        if len(self.slots) == 1:
+            s = self.slots[0]
+            return k_buf[s : s + 1, :, : self.t], v_buf[s : s + 1, :, : self.t]
+        return k_buf[:, :, : self.t].index_select(0, self.index), v_buf[:, :, : self.t].index_select(0, self.index)
+
+
+@torch.inference_mode()
+def slot_prefill(model, cache: SlotCache, slots: list[int], requests: list[Request], starts: list[int]) -> torch.Tensor:
+    """Prefill request i into slots[i], whose first starts[i] positions already hold its K/V and whose image K/V
+    are set (`set_slot_images`): only its positions starts[i]..t_i-1 run, as one batch right-aligned to the widest
+    (u columns), attending to the slot's positions and images. Returns each request's next logits (b, v), float32."""
+    backbone = model.model
+    device = requests[0].input_ids.device
+    b = len(requests)
+    widths = [r.prompt_tokens - start for r, start in zip(requests, starts, strict=True)]
+    u, t = max(widths), max(r.prompt_tokens for r in requests)
+    ids = torch.zeros(b, u, dtype=torch.long, device=device)
+    positions = torch.zeros(b, u, dtype=torch.long, device=device)
+    mask = torch.zeros(b, 1, u, t, dtype=torch.bool, device=device)  # (b, 1, u, T); padding columns attend nothing
+    images = max(r.num_images for r in requests)
+    image_mask = torch.zeros(b, u, images, dtype=torch.long, device=device)  # (b, u, n)
+    for i, (r, start, width) in enumerate(zip(requests, starts, widths, strict=True)):
+        ids[i, u - width :] = r.input_ids[0, start:]
+        positions[i, u - width :] = torch.arange(start, r.prompt_tokens, device=device)
+        mask[i, 0, u - width :, : r.prompt_tokens] = torch.ones(width, r.prompt_tokens, dtype=torch.bool,
+                                                                device=device).tril(start)  # fmt: skip
+        if r.num_images:
+            image_mask[i, u - width :, : r.num_images] = r.image_inputs["image_attention_mask"][0, start:]
+    x = backbone.embed_tokens(ids)  # (b, u, d)
+    rope = backbone.rotary_emb(positions, x.dtype)
+    image_kv = cross_mask = gate = None
+    if images:
+        m = images * cache.image_tokens
+        index = torch.tensor(slots, device=device)
+        image_kv = [
+            (k[:, :, :m].index_select(0, index), v[:, :, :m].index_select(0, index))
+            for k, v in zip(cache.image_k, cache.image_v, strict=True)
+        ]  # fmt: skip  (b, h, M, hd)
+        cross_mask, gate = image_masks(image_mask, cache.image_tokens)  # as the model's forward
+    kv = SlotWrite(cache, slots, starts, widths, t)
+    x = backbone.run_layers(x, rope, mask, kv, None, image_kv, cross_mask, gate)
+    return model.lm_head(backbone.norm(x[:, -1:]))[:, -1].float()
 
 
 def encode_requests(model, requests: list[Request], image_cache: ImageCache | None) -> list[torch.Tensor | None]:

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-PREFIX_MIN_TOKENS = 16  # shorter matches are prefilled with the batch (they save less than batching gains)
+PREFIX_MIN_TOKENS = 8  # shorter matches are prefilled whole with the other misses: a copy and a second forward
+# in the step would cost more than they save
 
 
 @dataclass(frozen=True)

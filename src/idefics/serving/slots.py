@@ -18,7 +18,6 @@ import numpy as np
 import torch
 
 from ..generation.loop import DecodeState
-from ..modeling.model import causal_mask, image_masks
 from .prefix import PREFIX_MIN_TOKENS, PrefixStats, PromptRecord, common_prefix
 
 
@@ -203,46 +202,6 @@ class SlotStep:
         k_buf[rows, :, pos] = k[:, :, 0]  # (B, h, hd) at (row, :, pos[row])
         v_buf[rows, :, pos] = v[:, :, 0]
         return k_buf[:b, :, : self.t], v_buf[:b, :, : self.t]
-
-
-class SlotWrite:
-    """The K/V interface `run_layers` expects, for a prefill of t new positions of one slot after its first
-    `start`: writes them in place and returns the slot's (1, h, start + t, hd) views."""
-
-    static = False
-
-    def __init__(self, cache: SlotCache, slot: int, start: int):
-        self.cache, self.slot, self.start = cache, slot, start
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        end = self.start + k.shape[2]
-        k_buf, v_buf = self.cache.k[layer], self.cache.v[layer]
-        k_buf[self.slot, :, self.start : end] = k[0]
-        v_buf[self.slot, :, self.start : end] = v[0]
-        return k_buf[self.slot : self.slot + 1, :, :end], v_buf[self.slot : self.slot + 1, :, :end]
-
-
-@torch.inference_mode()
-def slot_prefill(model, cache: SlotCache, slot: int, input_ids: torch.Tensor, start: int,
-                 image_attention_mask: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
-    """Prefill a prompt (1, t) into `slot` whose first `start` positions already hold its K/V: only positions
-    start..t-1 run, attending to those and to the slot's images (`set_images` first); image_attention_mask (1, t, n).
-    Returns the last position's logits (1, v) in float32."""
-    backbone = model.model
-    t = input_ids.shape[1]
-    x = backbone.embed_tokens(input_ids[:, start:])  # (1, u, d)
-    positions = torch.arange(start, t, device=x.device)[None]  # (1, u)
-    rope = backbone.rotary_emb(positions, x.dtype)
-    mask = causal_mask(None, t - start, start)  # (1, 1, u, t) or None
-    image_kv = cross_mask = gate = None
-    images = cache.images[slot]
-    if images and image_attention_mask is not None:
-        m = images * cache.image_tokens
-        image_kv = [(k[slot : slot + 1, :, :m], v[slot : slot + 1, :, :m])
-                    for k, v in zip(cache.image_k, cache.image_v, strict=True)]  # fmt: skip
-        cross_mask, gate = image_masks(image_attention_mask[:, start:], cache.image_tokens)  # as the model's forward
-    x = backbone.run_layers(x, rope, mask, SlotWrite(cache, slot, start), None, image_kv, cross_mask, gate)
-    return model.lm_head(backbone.norm(x[:, -1:]))[:, -1].float()
 
 
 def slot_decode(model, cache: SlotCache, tokens: torch.Tensor, rows: int, length: int, images: int) -> torch.Tensor:

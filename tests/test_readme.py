@@ -49,7 +49,7 @@ def test_readme_examples_run(hub_like, tmp_path, monkeypatch, capsys):
     row = {"messages": [user, {"role": "assistant", "content": "A photo."}]}
     Path("train.jsonl").write_text(json.dumps(row) + "\n")  # the fine-tuning example's data
     blocks = code_blocks()
-    assert len(blocks) == 5
+    assert len(blocks) == 6
     namespace: dict = {}
     for block in blocks:
         exec(block.replace('"HuggingFaceM4/idefics-9b-instruct"', repr(str(hub_like))), namespace)  # noqa: S102
@@ -57,3 +57,4 @@ def test_readme_examples_run(hub_like, tmp_path, monkeypatch, capsys):
     assert out.strip(), "the examples print the generated text"
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file() and (tmp_path / "my-adapter").is_dir()
     assert namespace["model"].adapter_config is None
+    assert namespace["images"].misses == 1 and namespace["images"].bytes > 0  # the image cache example

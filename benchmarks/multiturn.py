@@ -7,8 +7,9 @@ whole history (the image in the first user message, the earlier replies as assis
 streamed, greedy, exactly `--max-tokens` tokens (`ignore_eos`). All conversations run at once, each sending its next
 turn when its last reply is complete. The same conversations go to two `idefics serve` processes in turn (one at a
 time, so they never share the CPU): `--image-cache-memory 0 --no-prefix-cache` (caches off), then the defaults
-(caches on). Prints TTFT of turn 1 and of turns 2-5 (p50 and mean), output tokens/s and the wall time of each, their
-gains (times: off / on; throughput: on / off), the servers' cache counters from /metrics, and whether every reply is the same with the caches on and off.
+(caches on). Prints TTFT of turn 1 and of turns 2-5 (p50 and mean), output tokens/s and the wall time of each,
+their gains (times: off / on; throughput: on / off), the servers' cache counters from /metrics, and whether every
+reply is the same with the caches on and off.
 
 Presets: `bench` (benchmarks/common.py's CPU config with the demo model's vocabulary, random weights, 224 px images;
 built once into build/serve_bench_model, as serve_load.py does), `demo` (the bundled demo model).

@@ -20,7 +20,7 @@ def next_turn(prompt: dict, answer: list[int], seed: int, new: int, *, image: to
     """The history resent with the answer and `new` user tokens; with `image`, one more image seen from its first new
     token on (as the processor builds the mask: each token sees the latest image)."""
     g = torch.Generator().manual_seed(seed)
-    added = torch.tensor([answer]), torch.randint(3, 66, (1, new), generator=g)
+    added = torch.tensor([answer], dtype=torch.long), torch.randint(3, 66, (1, new), generator=g)
     out = {"input_ids": torch.cat([prompt["input_ids"], *added], 1)}
     mask = prompt["image_attention_mask"]
     mask = torch.cat([mask, mask[:, -1:].expand(-1, len(answer) + new, -1)], 1)  # (1, t, n)
@@ -91,7 +91,7 @@ def test_multiturn_chats_are_exact_with_hits_misses_and_evictions(tiny, monkeypa
     stats = on_engine.stats()
     prefix, images = stats["prefix_cache"], stats["image_cache"]
     assert prefix["hits"] == 15 and prefix["misses"] == 5 and prefix["evictions"] == 1, prefix
-    assert prefix["tokens_reused"] > 0 and prefix["bytes"] > 0
+    assert prefix["tokens_reused"] > 0 and prefix["bytes"] > 0 and prefix["copied"] == 0  # each turn in its slot
     assert sum(batches) == 15 and max(batches) >= 2  # next turns arriving together are prefilled together
     assert images["hits"] > 0 and images["misses"] > 0 and images["evictions"] > 0, images
     assert 0 < images["bytes"] <= two_images and images["entries"] == 2
@@ -183,3 +183,19 @@ def test_generate_takes_the_image_cache(tiny):
     beams = tiny.generate(prompt["input_ids"], max_new_tokens=6, image_cache=cache, num_beams=2, **images)
     assert torch.equal(first, plain) and cache.misses == 2 and cache.hits == 2
     assert torch.equal(beams, tiny.generate(prompt["input_ids"], max_new_tokens=6, num_beams=2, **images))
+
+
+def test_a_shared_prefix_is_copied_from_a_running_slot(tiny):
+    first = encoded(6, 22, 1)
+    second = next_turn(first, [], 7, 6)  # the same 22 positions, then 6 other tokens
+    engine = Engine(tiny, None, EngineConfig(max_batch_size=2))
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    a = engine.submit(first, params)
+    engine.step()  # the first is running in slot 0
+    b = engine.submit(second, params)
+    while engine.step():
+        pass
+    prefix = engine.stats()["prefix_cache"]
+    assert prefix["hits"] == 1 and prefix["copied"] == 1 and prefix["tokens_reused"] == 22
+    assert a.result()[0].token_ids == alone(tiny, first, 10, ignore_eos=True)
+    assert b.result()[0].token_ids == alone(tiny, second, 10, ignore_eos=True)

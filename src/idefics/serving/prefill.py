@@ -66,6 +66,7 @@ def prefill_into(model, cache: SlotCache, requests: list[Request], slots: list[l
         cache.prefix_stats.hits += 1
         cache.prefix_stats.tokens_reused += start
         if source != group[0]:
+            cache.prefix_stats.copied += 1
             cache.copy_positions(source, group[0], start)
         set_slot_images(model, cache, group[0], request, states[i])
         cache.set_record(group[0], request.record)

@@ -75,7 +75,8 @@ class PrefixStats:
 
     def __init__(self):
         self.hits = self.misses = self.evictions = self.tokens_reused = 0
+        self.copied = 0  # hits whose prefix was copied from another slot (the others reused their own slot)
 
     def snapshot(self) -> dict[str, int]:
         return {"hits": self.hits, "misses": self.misses, "evictions": self.evictions,
-                "tokens_reused": self.tokens_reused}  # fmt: skip
+                "tokens_reused": self.tokens_reused, "copied": self.copied}  # fmt: skip

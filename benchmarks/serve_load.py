@@ -48,6 +48,7 @@ class Result:
     e2e: float = 0.0
     itl: list[float] = field(default_factory=list)  # seconds between consecutive streamed tokens
     error: str = ""
+    text: str = ""  # the streamed reply
 
 
 def build_requests(n: int, *, max_tokens: int, seed: int) -> list[dict]:
@@ -82,6 +83,7 @@ async def send(client: httpx.AsyncClient, url: str, body: dict, headers: dict) -
                     result.output_tokens = chunk["usage"]["completion_tokens"]
                 for choice in chunk.get("choices", []):
                     if choice["delta"].get("content") is not None and "role" not in choice["delta"]:
+                        result.text += choice["delta"]["content"]
                         now = time.perf_counter()
                         if last is None:
                             result.ttft = now - start
@@ -174,11 +176,12 @@ def bench_model_folder() -> Path:
     return folder
 
 
-def launch(model: str, *, concurrency: int, queue: int, threads: int) -> tuple[subprocess.Popen, str]:
-    """Start `idefics serve` on a free loopback port; return the process and its base URL once healthy."""
+def launch(model: str, *, concurrency: int, queue: int, threads: int, flags: tuple[str, ...] = ()):
+    """Start `idefics serve` (with extra `flags`) on a free loopback port; return the process and its base URL once
+    healthy."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, "-m", "idefics", "serve", "--model", model, "--port", "0", "--log-level", "warning",
-               "--max-batch-size", str(concurrency), "--max-queue", str(queue)]  # fmt: skip
+               "--max-batch-size", str(concurrency), "--max-queue", str(queue), *flags]  # fmt: skip
     proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
     for line in proc.stderr:  # the first line names the address; the model is loaded by then
         if match := re.search(r"on (http://\S+:\d+)", line):

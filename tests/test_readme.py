@@ -57,3 +57,4 @@ def test_readme_examples_run(hub_like, tmp_path, monkeypatch, capsys):
     assert out.strip(), "the examples print the generated text"
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file() and (tmp_path / "my-adapter").is_dir()
     assert namespace["model"].adapter_config is None
+    assert namespace["images"].misses == 1 and namespace["images"].bytes > 0  # the image cache example

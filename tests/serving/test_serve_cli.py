@@ -42,3 +42,18 @@ def test_cache_memory_sizes_the_slots():
     args.cache_memory = budget_gib / 4
     with pytest.raises(UserError, match="holds no slot: one takes"):
         build_engine(args)
+
+
+def test_cache_flags_reach_the_engine():
+    from idefics.cli.serve import check_args
+
+    engine, _ = build_engine(build_parser().parse_args(["serve", "--max-batch-size", "2"]))
+    assert engine.image_cache.max_bytes == 2**28 and engine.slots.retain  # the defaults: 0.25 GiB, prefix cache on
+    args = build_parser().parse_args(["serve", "--max-batch-size", "2", "--image-cache-memory", "0.001",
+                                      "--no-prefix-cache"])  # fmt: skip
+    engine, _ = build_engine(args)
+    assert engine.image_cache.max_bytes == int(0.001 * 2**30) and not engine.slots.retain
+    engine, _ = build_engine(build_parser().parse_args(["serve", "--image-cache-memory", "0"]))
+    assert engine.image_cache is None and engine.stats()["image_cache"]["max_bytes"] == 0
+    with pytest.raises(UserError, match="--image-cache-memory must be >= 0"):
+        check_args(build_parser().parse_args(["serve", "--image-cache-memory", "-1"]))

@@ -101,6 +101,9 @@ def test_models_health_metrics_and_the_playground(server, client):
     assert httpx.get(server.base_url + "/health").status_code == 200  # no key needed outside /v1
     assert server.metric("idefics_request_success_total") >= 0
     assert server.metric("idefics_time_to_first_token_seconds_count") > 0
+    for cache in ("image_cache", "prefix_cache"):
+        for key in ("hits_total", "misses_total", "evictions_total", "bytes"):
+            assert server.metric(f"idefics_{cache}_{key}") >= 0
     page = httpx.get(server.base_url + "/")
     assert page.status_code == 200 and "<html" in page.text and "/v1/chat/completions" in page.text
 

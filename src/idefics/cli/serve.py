@@ -51,6 +51,16 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together (decode slots)")
     p.add_argument("--cache-memory", type=float, metavar="GIB",
                    help="memory for the K/V cache: as many slots as fit, at most --max-batch-size")  # fmt: skip
+    p.add_argument(
+        "--image-cache-memory",
+        type=float,
+        metavar="GIB",
+        default=0.25,
+        help="memory for encoded images kept for reuse, each image encoded once (0: off; default 0.25)",
+    )
+    p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
+                   help="prefill every prompt whole (default: a prompt reuses the K/V of the longest prefix a slot "
+                   "holds, e.g. a chat's earlier turns)")  # fmt: skip
     p.add_argument("--max-model-len", type=int, help="prompt + generated tokens per request (default: the model's)")
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests beyond which new ones get 429")
     p.add_argument("--max-images-per-request", type=int, default=4)
@@ -92,6 +102,8 @@ def check_args(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and value <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if args.image_cache_memory < 0:
+        raise UserError(f"--image-cache-memory must be >= 0 (0: off), got {args.image_cache_memory}")
     if not 0 <= args.port < 65536:
         raise UserError(f"--port must be in [0, 65535], got {args.port}")
     if args.allowed_local_media_path is not None and not Path(args.allowed_local_media_path).is_dir():
@@ -135,6 +147,8 @@ def build_engine(args: argparse.Namespace, *, tp_plan: str | None = None):
             max_queue=args.max_queue,
             max_images_per_request=args.max_images_per_request,
             compile=args.compile,
+            image_cache_memory=int(args.image_cache_memory * 2**30),
+            prefix_cache=args.prefix_cache,
         )
         return Engine(model, processor, config), processor
     except ValueError as err:  # e.g. --max-model-len beyond the model's positions, a cache too small for one slot

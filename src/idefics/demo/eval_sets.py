@@ -48,26 +48,29 @@ def captions(scene: Scene) -> list[str]:
             f"The image shows a {c} {s}."]  # fmt: skip
 
 
-def write_vqa(folder: Path, *, split: str, count: int, seed: int) -> None:
-    """`count` images with one question each about them, in VQAv2 format."""
+def write_vqa(folder: Path, *, split: str, count: int, seed: int, questions_per_image: int = 1) -> None:
+    """`count` images with `questions_per_image` questions each about them (alternating colour and shape), in VQAv2
+    format; question ids are image_id * 10 + j."""
     rng = random.Random(seed)
     (folder / split).mkdir(parents=True, exist_ok=True)
     questions, annotations = [], []
     for image_id in range(1, count + 1):
         scene = random_scene(rng, size=rng.choice((64, 96, 128)))
         render(scene).save(folder / split / f"shapes_{split}_{image_id:012d}.png")
-        question = VQA_QUESTIONS[image_id % 2]
-        question_id = image_id * 10
-        answers = human_answers(scene, question, rng)
-        questions.append({"image_id": image_id, "question": question, "question_id": question_id})
-        annotations.append({
-            "image_id": image_id,
-            "question_id": question_id,
-            "question_type": question.lower().rsplit(" ", 2)[0],
-            "answer_type": "other",
-            "multiple_choice_answer": Counter(answers).most_common(1)[0][0],
-            "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": i + 1} for i, a in enumerate(answers)],
-        })  # fmt: skip
+        for j in range(questions_per_image):
+            question = VQA_QUESTIONS[(image_id + j) % 2]
+            question_id = image_id * 10 + j
+            answers = human_answers(scene, question, rng)
+            questions.append({"image_id": image_id, "question": question, "question_id": question_id})
+            annotations.append({
+                "image_id": image_id,
+                "question_id": question_id,
+                "question_type": question.lower().rsplit(" ", 2)[0],
+                "answer_type": "other",
+                "multiple_choice_answer": Counter(answers).most_common(1)[0][0],
+                "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": i + 1}
+                            for i, a in enumerate(answers)],
+            })  # fmt: skip
     (folder / f"{split}_questions.json").write_text(json.dumps({"questions": questions}, indent=1))
     (folder / f"{split}_annotations.json").write_text(json.dumps({"annotations": annotations}, indent=1))
 
@@ -88,11 +91,13 @@ def write_captions(folder: Path, *, split: str, count: int, seed: int) -> None:
     (folder / f"{split}_captions.json").write_text(json.dumps(data, indent=1))
 
 
-def write_eval_sets(output: str | Path, *, val: int = 100, train: int = 200, seed: int = 0) -> Path:
-    """Both sets, both splits, under `output`; returns it."""
+def write_eval_sets(output: str | Path, *, val: int = 100, train: int = 200, seed: int = 0,
+                    questions_per_image: int = 1) -> Path:  # fmt: skip
+    """Both sets, both splits, under `output` (`val` and `train` images per split); returns it."""
     output = Path(output)
     for offset, (split, count) in enumerate((("val", val), ("train", train))):
-        write_vqa(output / "vqa", split=split, count=count, seed=seed + 2 * offset)
+        write_vqa(output / "vqa", split=split, count=count, seed=seed + 2 * offset,
+                  questions_per_image=questions_per_image)  # fmt: skip
         write_captions(output / "caption", split=split, count=count, seed=seed + 2 * offset + 1)
     return output
 

@@ -12,10 +12,12 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..generation import GenerationConfig
+from ..image_cache import ImageCache
 from ..processing.chat import END_OF_UTTERANCE
 from ..processing.processor import FAKE_IMAGE_TOKEN, IMAGE_TOKEN
 
 Predict = Callable[[Sequence[list]], list[str]]  # processor prompts -> generated texts, one per prompt
+IMAGE_CACHE_MEMORY = 256 << 20  # bytes of encoded images kept across batches (each image encoded once per run)
 
 
 def end_token_ids(tokenizer) -> list[int]:
@@ -28,11 +30,12 @@ class GeneratePredictor:
     """Generation with `model.generate` on left-padded batches of processor prompts."""
 
     def __init__(self, model, processor, *, max_new_tokens: int, num_beams: int = 1, stop_strings: Sequence[str] = (),
-                 constraint=None):  # fmt: skip
+                 constraint=None, image_cache_memory: int = IMAGE_CACHE_MEMORY):  # fmt: skip
         tokenizer = processor.tokenizer
         tokenizer.padding_side = "left"  # every row's continuation starts at the same column
         self.model, self.processor = model, processor
         self.end_ids = end_token_ids(tokenizer)
+        self.image_cache = ImageCache(image_cache_memory) if image_cache_memory else None
         self.config = GenerationConfig(
             max_new_tokens=max_new_tokens,
             num_beams=num_beams,
@@ -55,6 +58,7 @@ class GeneratePredictor:
             image_attention_mask=inputs["image_attention_mask"],
             generation_config=self.config,
             tokenizer=self.processor.tokenizer,
+            image_cache=self.image_cache,
         )  # (b, t + new)
         texts = []
         for row in out[:, inputs["input_ids"].shape[1] :].tolist():

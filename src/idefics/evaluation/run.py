@@ -268,6 +268,7 @@ def run_queries(config: EvalConfig, queries, support, classes, predict, *, model
     store = PredictionFile(output / "predictions.jsonl", id_field=id_field)
     runs = [(k, t) for k in config.shots for t in range(trials_for(config, k))]
     pending = [(k, t, q) for k, t in runs for q in queries if PredictionFile.key(example_id(q), k, t) not in store]
+    pending.sort(key=lambda item: str(item[2].image))  # each image's queries together: encoded once (image cache)
     bar = tqdm(total=len(runs) * len(queries), initial=len(runs) * len(queries) - len(pending), unit="prediction",
                desc=f"eval {config.task}", disable=not config.progress)  # fmt: skip
     chunk = config.batch_size * (ENGINE_CHUNK if config.engine else 1)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..cache import IdeficsCache
+from ..image_cache import ImageCache, encode_cached, image_keys
 from ..modeling.layout import use_decode_layout
 from .compiling import compiled_for, dynamic_span, fast_repeat
 from .config import GenerationConfig
@@ -116,6 +117,23 @@ def prefill(
 
 
 STATIC_BUCKET = 256  # static caches are sized in multiples of this many positions
+
+
+def through_image_cache(model, image_inputs: dict) -> dict:
+    """Image inputs with their `image_cache` (if any) applied: pixel_values (b, n, 3, r, r) replaced by their states
+    (b, n, s, d_img), each distinct image encoded once across calls."""
+    image_inputs = dict(image_inputs)
+    cache: ImageCache | None = image_inputs.pop("image_cache", None)
+    pixels = image_inputs.get("pixel_values")
+    if cache is None or pixels is None:
+        return image_inputs
+    b, n = pixels.shape[:2]
+    interpolate = image_inputs.get("interpolate_pos_encoding", False)
+    keys = [k for row in image_keys(pixels, interpolate_pos_encoding=interpolate) for k in row]
+    states = encode_cached(model, pixels.reshape(1, b * n, *pixels.shape[2:]), keys, cache,
+                           interpolate_pos_encoding=interpolate)  # fmt: skip
+    key = "perceiver_embeddings" if model.config.use_resampler else "image_encoder_embeddings"
+    return image_inputs | {"pixel_values": None, key: states.view(b, n, *states.shape[2:])}  # (b, n, s, d)
 
 
 def static_step(model, tokens, positions, valid, kv, image_states, image_kv, cross_mask, gate) -> torch.Tensor:
@@ -228,6 +246,7 @@ def generate_steps(
         )
         grammars = [grammar.start(config.eos_token_id or []) for _ in range(b)]
         bitmask = new_bitmask(b, grammar.compiler)
+    image_inputs = through_image_cache(model, image_inputs)  # image_cache= in image_inputs: see `generate`
     logits, state = prefill(
         model,
         input_ids,
@@ -289,9 +308,11 @@ def generate(
     generation_config: GenerationConfig | None = None,
     tokenizer=None,
     generator: torch.Generator | None = None,
+    image_cache: ImageCache | None = None,
     **kwargs,
 ) -> torch.Tensor:
-    """Prompt (b, t) -> (b, t + new) token ids; rows that finish early are padded with the pad id."""
+    """Prompt (b, t) -> (b, t + new) token ids; rows that finish early are padded with the pad id. An `image_cache`
+    (idefics.image_cache.ImageCache, for this model) encodes each distinct image once across calls."""
     config = resolve_config(model, generation_config, kwargs)
     image_inputs = dict(
         pixel_values=pixel_values,
@@ -299,7 +320,9 @@ def generate(
         perceiver_embeddings=perceiver_embeddings,
         image_attention_mask=image_attention_mask,
         interpolate_pos_encoding=interpolate_pos_encoding,
+        image_cache=image_cache,
     )
+    image_inputs = through_image_cache(model, image_inputs)
     if config.num_beams > 1:
         from .beam import beam_search
 

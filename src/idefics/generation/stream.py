@@ -94,7 +94,7 @@ def stream_generate(
     if input_ids.shape[0] != 1:
         raise ValueError(f"stream_generate takes one prompt (batch 1), got a batch of {input_ids.shape[0]}")
     image_keys = ("pixel_values", "image_encoder_embeddings", "perceiver_embeddings", "image_attention_mask",
-                  "interpolate_pos_encoding")  # fmt: skip
+                  "interpolate_pos_encoding", "image_cache")  # fmt: skip
     image_inputs = {k: kwargs.pop(k) for k in image_keys if k in kwargs}
     config = resolve_config(model, generation_config, kwargs)
     deltas = TextDeltas(tokenizer, stop_strings=config.stop_strings)

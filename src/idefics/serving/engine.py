@@ -5,9 +5,15 @@ Each iteration of the engine thread: apply cancellations, run one decode step ov
 finished, then admit waiting requests within the prefill token budget: they are prefilled together (prefill.py:
 left-padded into one batch, all their images through the vision tower and perceiver in one call, image K/V once per
 request), copied into their slot(s) (n of them for n choices) and join the next decode step. Requests are
-tokenised, their images preprocessed and their structured-output constraint compiled (cached per constraint) in the
-submitting thread, so bad input fails at `submit` and a slow compile never stalls the decode steps. A constrained
-row's logits are masked to its grammar's allowed tokens where its token is chosen (`_emit`), nowhere else.
+tokenised, their images preprocessed and hashed and their structured-output constraint compiled (cached per
+constraint) in the submitting thread, so bad input fails at `submit` and a slow compile never stalls the decode
+steps. A constrained row's logits are masked to its grammar's allowed tokens where its token is chosen (`_emit`),
+nowhere else.
+
+Two caches skip repeated work: the image cache (image_cache.py) encodes each distinct image once, and the prefix
+cache (prefix.py) lets a prompt that starts like a sequence some slot holds (a chat's next turn) reuse that slot's
+K/V and prefill only the rest. Both decide inside the operations that change the slots (`prefill_into`, a decode
+step, a release), as a deterministic function of them.
 
 The decode step is eager over exactly the positions in use on CPU. With `compile` it has fixed shapes per
 (batch bucket, length bucket), every image slot read: torch.compile'd with `compile=True`, and captured as a CUDA
@@ -34,12 +40,14 @@ import torch
 from ..generation.compiling import compiled_for, fast_repeat
 from ..generation.grammar import GrammarError, apply_bitmask_, compiler_for, fill_bitmask, new_bitmask
 from ..generation.graphs import CudaGraphStep
+from ..image_cache import ImageCache
 from .events import FinishEvent, TokenEvent, TokenLogprob
 from .inputs import encode_prompt
 from .metrics import EngineMetrics
 from .openmp import release_openmp_team
 from .params import ContextLengthError, EngineDraining, SamplingParams
-from .prefill import Prefilled, padded_tokens, prefill_batch
+from .prefill import padded_tokens, prefill_into
+from .prefix import PREFIX_MIN_TOKENS, prompt_record
 from .replicas import Channel, decode_requests, encode_requests, heartbeat_interval
 from .requests import Request, RequestStream, Row, make_deltas
 from .sampler import choose, top_logprobs
@@ -61,6 +69,11 @@ class EngineConfig:
     # True: fixed-shape steps, torch.compile'd, each bucket captured as a CUDA graph on CUDA; "auto": on CUDA the
     # fixed-shape steps as CUDA graphs without torch.compile, on CPU eager (the default there, by measurement)
     compile: bool | str = False
+    # bytes of encoded images kept for reuse (the image cache; 0: off); per process
+    image_cache_memory: int = 256 << 20
+    # a prompt reuses the K/V of the longest prefix a slot holds (freed slots keep theirs, least recently used
+    # given out first); False: every prompt is prefilled whole and the lowest free slots are used
+    prefix_cache: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_queue", "prefill_token_budget"):
@@ -73,6 +86,9 @@ class EngineConfig:
         if self.cache_memory is not None and (not isinstance(self.cache_memory, int) or self.cache_memory < 1):
             raise ValueError(f"EngineConfig.cache_memory must be a number of bytes >= 1 or None, got "
                              f"{self.cache_memory!r}")  # fmt: skip
+        if not isinstance(self.image_cache_memory, int) or self.image_cache_memory < 0:
+            raise ValueError(f"EngineConfig.image_cache_memory must be a number of bytes >= 0, got "
+                             f"{self.image_cache_memory!r}")  # fmt: skip
         if self.compile not in (True, False, "auto"):
             raise ValueError(f"EngineConfig.compile must be True, False or 'auto', got {self.compile!r}")
 
@@ -106,7 +122,8 @@ class Engine:
                     "max_model_len or max_images_per_request, or give more memory"
                 )
         self.slots = SlotCache(model, num_slots=num_slots, max_len=self.max_model_len,
-                               max_images=config.max_images_per_request)  # fmt: skip
+                               max_images=config.max_images_per_request, retain=config.prefix_cache)  # fmt: skip
+        self.image_cache = ImageCache(config.image_cache_memory) if config.image_cache_memory else None
         self.seen = torch.zeros(num_slots, self.vocab_size, dtype=torch.bool, device=self.device)
         self.generator = torch.Generator(device=self.device)
         self.generator.seed()
@@ -199,8 +216,9 @@ class Engine:
             grammar = compiler_for(self.tokenizer, self.vocab_size).compile(params.constraint)
         request_id = request_id if request_id is not None else f"req-{uuid.uuid4().hex[:16]}"
         stream = RequestStream(request_id, t, params.n, self._cancel)
+        record = prompt_record(inputs.input_ids, inputs.image_inputs.get("image_attention_mask"), inputs.image_keys)
         request = Request(request_id, inputs.input_ids, inputs.image_inputs, inputs.num_images, params, stream,
-                          grammar=grammar)  # fmt: skip
+                          grammar=grammar, image_keys=inputs.image_keys, record=record)  # fmt: skip
         with self._cond:
             if self._draining:
                 raise EngineDraining("the engine is shutting down and accepts no new requests")
@@ -221,14 +239,29 @@ class Engine:
         if waiting is not None:
             self._finish_unstarted(waiting, "cancelled")
 
+    def clear_caches(self) -> None:
+        """Empty the image cache and the prefix records of free slots (e.g. before timing a cold run)."""
+        self._broadcast("clear")
+        if self.image_cache is not None:
+            self.image_cache.clear()
+        with self._cond:
+            for slot in self.slots.free_slots:
+                self.slots.forget(slot)
+
     # -- metrics ----------------------------------------------------------------------------------------------------
     def stats(self) -> dict:
-        """Requests running and waiting, slots, cache bytes, token counts, finish reasons, latency summaries."""
+        """Requests running and waiting, slots, cache bytes, token counts, finish reasons, latency summaries, and
+        the image and prefix caches' hits, misses, evictions and bytes."""
         with self._cond:
             waiting = len(self.scheduler.waiting)
             running, used = self._running_requests, self.slots.num_slots - self.slots.free
+            prefix = {**self.slots.prefix_stats.snapshot(), "bytes": self.slots.retained_bytes,
+                      "enabled": self.slots.retain}  # fmt: skip
+        images = self.image_cache.stats() if self.image_cache is not None else {
+            "hits": 0, "misses": 0, "evictions": 0, "entries": 0, "bytes": 0, "max_bytes": 0}  # fmt: skip
         return {"running": running, "waiting": waiting, "slots_used": used, "slots_total": self.slots.num_slots,
-                "cache_bytes": self.slots.nbytes, **self.metrics.snapshot()}  # fmt: skip
+                "cache_bytes": self.slots.nbytes, **self.metrics.snapshot(), "image_cache": images,
+                "prefix_cache": prefix}  # fmt: skip
 
     # -- the engine thread ------------------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -261,58 +294,72 @@ class Engine:
         operation that fails here failed on rank 0 too (the same inputs): it is skipped, as rank 0 skips it."""
         if not self.follower:
             raise RuntimeError("follow() runs on the ranks other than 0 of a tensor-parallel model")
-        batch = None
         while True:
             op, args, tensors = self._channel.receive()
             if op == "stop":
                 return
             try:
-                if op == "allocate":
-                    self._allocate(args["n"])
-                elif op == "prefill":
-                    batch = self._prefill(decode_requests(args["requests"], tensors, self.device))
-                elif op == "load":
-                    self._load(args["slot"], batch, args["length"], args["row"], args["offset"], args["images"])
+                if op == "prefill":
+                    requests = decode_requests(args["requests"], tensors, self.device)
+                    if args["allocate"]:
+                        groups = self._allocate(requests)
+                        if groups != args["slots"]:  # the same operations gave another slot: the ranks diverged
+                            raise RuntimeError(f"rank 0 gave slots {args['slots']}, this rank {groups}")
+                    self._prefill(requests, args["slots"])
                 elif op == "decode":
-                    self._forward(args["tokens"], args["lengths"], args["b"], args["length"], args["images"])
+                    self._forward(args["tokens"], args["lengths"], args["b"], args["length"], args["images"],
+                                  args["advance"])  # fmt: skip
+                elif op == "forget":
+                    self._forget(args["slot"])
                 elif op == "release":
                     self._release(args["slot"])
+                elif op == "clear":
+                    self.clear_caches()
             except Exception as err:  # noqa: BLE001
                 print(f"idefics engine rank {self._channel.tp.rank}: {op} failed: {type(err).__name__}: {err}",
                       file=sys.stderr)  # fmt: skip
 
     # -- model-state operations (broadcast to the other ranks first, on a tensor-parallel model) ---------------------
-    def _broadcast(self, op: str, args: dict, tensors: list[torch.Tensor] = ()) -> None:
+    def _broadcast(self, op: str, args: dict | None = None, tensors: list[torch.Tensor] = ()) -> None:
         if self._channel is not None and not self.follower:
             self._channel.send(op, args, tensors)
 
-    def _allocate(self, n: int) -> list[int]:
-        self._broadcast("allocate", {"n": n})
-        return self.slots.allocate(n)
+    def _allocate(self, requests: list[Request]) -> list[list[int]]:
+        """Slots for each request (n each; with the prefix cache, the slots holding their longest prefixes)."""
+        with self._cond:
+            return [self.slots.allocate(r.params.n, r.record) for r in requests]
 
-    def _prefill(self, requests: list[Request]) -> Prefilled:
+    def _prefill(self, requests: list[Request], slots: list[list[int]], *, allocated: bool = False) -> torch.Tensor:
+        """Prefill `requests` into their `slots` (allocated by `_allocate` just before, when `allocated`); returns
+        each request's next-token logits (b, v)."""
         if self._channel is not None and not self.follower:
             fields, tensors = encode_requests(requests)
-            self._broadcast("prefill", {"requests": fields}, tensors)
-        return prefill_batch(self.model, requests)
+            self._broadcast("prefill", {"requests": fields, "slots": slots, "allocate": allocated}, tensors)
+        return prefill_into(self.model, self.slots, requests, slots, self.image_cache)
 
-    def _load(self, slot: int, batch: Prefilled, length: int, row: int, offset: int, images: int) -> None:
-        self._broadcast("load", {"slot": slot, "length": length, "row": row, "offset": offset, "images": images})
-        self.slots.load(slot, batch.state, length, row=row, offset=offset, images=images)
+    def _forget(self, slot: int) -> None:
+        self._broadcast("forget", {"slot": slot})
+        self.slots.forget(slot)
 
     def _release(self, slot: int) -> None:
         self._broadcast("release", {"slot": slot})
         self.slots.release(slot)
 
     @torch.inference_mode()
-    def _forward(self, tokens: list[int], lengths: list[int], b: int, length: int, images: int) -> torch.Tensor:
-        """Logits (b, v) of one decode step over slots 0..b-1: `tokens` written at positions `lengths`."""
-        self._broadcast("decode", {"tokens": tokens, "lengths": lengths, "b": b, "length": length, "images": images})
-        self.slots.positions.copy_(torch.tensor(lengths))  # free slots write (unread) at position 0
+    def _forward(self, tokens: list[int], lengths: list[int], b: int, length: int, images: int,
+                 advance: list[int]) -> torch.Tensor:  # fmt: skip
+        """Logits (b, v) of one decode step over slots 0..b-1: `tokens` written at positions `lengths`; the slots in
+        `advance` (the running ones) then hold one more position."""
+        self._broadcast("decode", {"tokens": tokens, "lengths": lengths, "b": b, "length": length, "images": images,
+                                   "advance": advance})  # fmt: skip
+        self.slots.positions.copy_(torch.tensor(lengths))  # free slots write (unread) after what they hold
         token_tensor = torch.tensor(tokens, device=self.device)
         if self.static:
-            return self._static_step(b, length)(token_tensor)
-        return slot_decode(self.model, self.slots, token_tensor, b, length, images)  # (B, v)
+            logits = self._static_step(b, length)(token_tensor)
+        else:
+            logits = slot_decode(self.model, self.slots, token_tensor, b, length, images)  # (B, v)
+        self.slots.advance(advance, [tokens[s] for s in advance])
+        return logits
 
     def step(self) -> bool:
         """One iteration: cancellations, one decode step over the running rows, admissions. The engine thread
@@ -346,41 +393,56 @@ class Engine:
         if self._abort:
             return
         with self._cond:
-            requests = self.scheduler.admit(free_slots=self.slots.free, cost=padded_tokens)
+            requests = self.scheduler.admit(free_slots=self.slots.free, cost=self._prefill_cost)
         if not requests:
             return
+        slots = self._allocate(requests)  # only this thread changes the slots: no other admission in between
         try:
-            batch = self._prefill(requests)
+            logits = self._prefill(requests, slots, allocated=True)
         except Exception:  # one bad request must not fail the others: prefill each alone to find it
+            for group in slots:
+                for slot in group:
+                    self._forget(slot)
             if len(requests) == 1:
-                self._fail_prefill(requests[0])
+                self._fail_prefill(requests[0], slots[0])
                 return
-            for request in requests:
+            for request, group in zip(requests, slots, strict=True):
                 try:
-                    self._start([request], self._prefill([request]))
+                    self._start([request], [group], self._prefill([request], [group]))
                 except Exception:
-                    self._fail_prefill(request)
+                    self._fail_prefill(request, group)
             return
-        self._start(requests, batch)
+        self._start(requests, slots, logits)
 
-    def _fail_prefill(self, request: Request) -> None:
+    def _prefill_cost(self, requests: list[Request]) -> int:
+        """Positions prefilled for these requests: the left-padded batch of those prefilled whole, and the
+        right-aligned batch of the rest after the prefix a slot holds (as prefill_into will run them)."""
+        whole, rest = [], []
+        for r in requests:
+            start = int(self.slots.shared_prefix(r.record).max()) if self.slots.retain else 0
+            (rest if start >= PREFIX_MIN_TOKENS else whole).append(r.prompt_tokens - start)
+        return padded_tokens(whole) + padded_tokens(rest)
+
+    def _fail_prefill(self, request: Request, slots: list[int]) -> None:
         err = sys.exc_info()[1]
+        with self._cond:
+            for slot in slots:
+                self._forget(slot)
+                self._release(slot)
         self._finish_unstarted(request, "error", error=f"{type(err).__name__}: {err}")
 
-    def _start(self, requests: list[Request], batch: Prefilled) -> None:
-        """Copy each prefilled request into its slot(s) (n of them) and hand out its first tokens."""
+    def _start(self, requests: list[Request], slots: list[list[int]], logits: torch.Tensor) -> None:
+        """Hand out each prefilled request's first tokens (it fills slots[i], n of them); logits (b, v)."""
         now = time.perf_counter()
         rows = []
-        for i, request in enumerate(requests):
+        for request, group in zip(requests, slots, strict=True):
             t = request.prompt_tokens
             self.metrics.observe("queue_time", now - request.arrival_clock)
             with self.metrics.lock:
                 self.metrics.prompt_tokens_total += t
             with self._cond:
-                slots = self._allocate(request.params.n)
                 self._running_requests += 1
-            for index, slot in enumerate(slots):
-                self._load(slot, batch, t, i, batch.offsets[i], batch.images[i])
+            for index, slot in enumerate(group):
                 self.seen[slot] = False
                 self.seen[slot, request.input_ids[0]] = True
                 p = request.params
@@ -391,7 +453,7 @@ class Engine:
                 rows.append(Row(request, index, slot, eos, make_deltas(self.tokenizer, p), generator, admitted=now))
         for row in rows:
             self._rows[row.slot] = row
-        logits = batch.logits[torch.tensor([requests.index(row.request) for row in rows], device=self.device)]
+        logits = logits[torch.tensor([requests.index(row.request) for row in rows], device=self.device)]
         self._emit(rows, logits)
 
     @torch.inference_mode()
@@ -405,12 +467,10 @@ class Engine:
         for s in slots:
             tokens[s] = self._rows[s].tokens[-1]
         try:
-            logits = self._forward(tokens, list(lengths), b, length, images)  # (B, v)
+            logits = self._forward(tokens, list(lengths), b, length, images, slots)  # (B, v)
         except Exception as err:
             self._fail_running(f"{type(err).__name__}: {err}")
             return
-        for s in slots:
-            lengths[s] += 1
         if slots != list(range(b)):
             logits = logits[torch.tensor(slots, device=self.device)]
         self._emit([self._rows[s] for s in slots], logits)

@@ -10,12 +10,15 @@ from dataclasses import dataclass
 
 import torch
 
+from ..image_cache import image_key
+
 
 @dataclass
 class PromptInputs:
     input_ids: torch.Tensor  # (1, t)
     image_inputs: dict  # pixel_values (1, n, 3, r, r) and image_attention_mask (1, t, n); empty without images
     num_images: int
+    image_keys: tuple[str, ...] = ()  # each image's image-cache key (a hash of its pixels), in prompt order
 
 
 def describe_prompt(prompt: object) -> str:
@@ -62,13 +65,15 @@ def encode_prompt(prompt: object, processor, *, vocab_size: int, device: torch.d
     if input_ids.shape[1] == 0:
         raise ValueError("the prompt is empty")
     num_images = int((input_ids == processor.image_token_id).sum())
-    image_inputs = {}
+    image_inputs, keys = {}, ()
     if num_images:
+        pixels = enc["pixel_values"][:, :num_images]
+        keys = tuple(image_key(x) for x in pixels[0])  # hashed here, in the submitting thread
         image_inputs = {
-            "pixel_values": enc["pixel_values"][:, :num_images].to(device),
+            "pixel_values": pixels.to(device),
             "image_attention_mask": enc["image_attention_mask"][:, :, :num_images].to(device),
         }
-    return PromptInputs(input_ids.to(device), image_inputs, num_images)
+    return PromptInputs(input_ids.to(device), image_inputs, num_images, keys)
 
 
 def encoded_inputs(enc: Mapping, *, vocab_size: int, device: torch.device) -> PromptInputs:
@@ -89,5 +94,6 @@ def encoded_inputs(enc: Mapping, *, vocab_size: int, device: torch.device) -> Pr
     if mask is None or tuple(mask.shape) != (1, ids.shape[1], n):
         got = None if mask is None else tuple(mask.shape)
         raise ValueError(f"image_attention_mask must be (1, tokens, images) = {(1, ids.shape[1], n)}, got {got}")
+    keys = tuple(image_key(x) for x in pixels[0])
     return PromptInputs(ids.long().to(device), {"pixel_values": pixels.to(device), "image_attention_mask":
-                                                mask.to(device)}, n)  # fmt: skip
+                                                mask.to(device)}, n, keys)  # fmt: skip

@@ -62,6 +62,24 @@ class EngineCollector(Collector):
         for kind, count in sorted(stats.get("constrained_total", {}).items()):
             constrained.add_metric([self.model_name, kind], count)
         yield constrained
+        for cache, what in (("image_cache", "image cache (encoded images)"), ("prefix_cache", "prefix cache")):
+            counts = stats.get(cache)
+            if counts is None:
+                continue
+            for key in ("hits", "misses", "evictions"):
+                yield _family(CounterMetricFamily, f"idefics_{cache}_{key}", f"{key.capitalize()} of the {what}.",
+                              labels, [self.model_name], counts[key])  # fmt: skip
+            yield _family(GaugeMetricFamily, f"idefics_{cache}_bytes", f"Bytes the {what} holds.", labels,
+                          [self.model_name], counts["bytes"])  # fmt: skip
+        if "prefix_cache" in stats:
+            yield _family(
+                CounterMetricFamily,
+                "idefics_prefix_cache_tokens_reused",
+                "Prompt tokens not prefilled: reused from a slot's K/V.",
+                labels,
+                [self.model_name],
+                stats["prefix_cache"]["tokens_reused"],
+            )
 
 
 def _family(kind, name: str, doc: str, labels: list[str], values: list[str], value: float):

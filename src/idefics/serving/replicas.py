@@ -29,7 +29,8 @@ from ..parallel import TensorParallel
 from ..parallel.world import timeout
 
 DTYPES = {str(t): t for t in (torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int32, torch.bool)}
-SKIPPED_FIELDS = {"stream", "params", "arrival", "arrival_clock", "grammar"}  # rank 0's own business
+# rank 0's own business, or (record) what each rank derives from the fields it is sent
+SKIPPED_FIELDS = {"stream", "params", "arrival", "arrival_clock", "grammar", "record"}
 
 
 def heartbeat_interval() -> float:
@@ -83,8 +84,10 @@ def encode_requests(requests: list) -> tuple[list[dict], list[torch.Tensor]]:
 
 
 def decode_requests(fields: list[dict], tensors: list[torch.Tensor], device: torch.device) -> list:
-    """The followers' copies of rank 0's requests (no stream; default sampling parameters: never used there)."""
+    """The followers' copies of rank 0's requests (no stream; default sampling parameters: never used there; the
+    prefix cache's record rebuilt from the token ids, image mask and image keys, as `Engine.submit` builds it)."""
     from .params import SamplingParams
+    from .prefix import prompt_record
     from .requests import Request
 
     def decode(value):
@@ -96,4 +99,11 @@ def decode_requests(fields: list[dict], tensors: list[torch.Tensor], device: tor
             return [decode(v) for v in value]
         return value
 
-    return [Request(**{k: decode(v) for k, v in f.items()}, params=SamplingParams(), stream=None) for f in fields]
+    requests = []
+    for f in fields:
+        values = {k: decode(v) for k, v in f.items()}
+        values["image_keys"] = tuple(values.get("image_keys", ()))
+        mask = values["image_inputs"].get("image_attention_mask")
+        record = prompt_record(values["input_ids"], mask, values["image_keys"])
+        requests.append(Request(**values, params=SamplingParams(), stream=None, record=record))
+    return requests

@@ -20,6 +20,7 @@ from ..generation.stopping import Detokenizer
 from ..generation.stream import TextDeltas
 from .events import Completion, FinishEvent, TokenEvent, TokenLogprob
 from .params import SamplingParams
+from .prefix import PromptRecord
 from .sampler import RowSampling
 
 Event = TokenEvent | FinishEvent
@@ -35,6 +36,8 @@ class Request:
     num_images: int
     params: SamplingParams
     stream: RequestStream
+    image_keys: tuple[str, ...] = ()  # each image's image-cache key, computed at submit
+    record: PromptRecord | None = None  # token ids and image views per position, for the prefix cache
     arrival: float = field(default_factory=time.time)  # Unix time
     arrival_clock: float = field(default_factory=time.perf_counter)
     grammar: Grammar | None = None  # the compiled constraint (compiled in the submitting thread)

@@ -38,14 +38,14 @@ class Scheduler:
 
     def admit(self, *, free_slots: int, cost) -> list[Request]:
         """The requests to prefill now, in arrival order: while their choices fit the free slots and `cost` (the
-        positions a batch of these prompt lengths costs) stays within the budget. The head is always taken when its
+        positions prefilling these requests together costs) stays within the budget. The head is always taken when its
         choices fit, so a long prompt cannot starve."""
         batch: list[Request] = []
         while self.waiting:
             head = self.waiting[0]
             if head.params.n > free_slots:
                 break
-            if batch and cost([r.prompt_tokens for r in batch] + [head.prompt_tokens]) > self.prefill_token_budget:
+            if batch and cost([*batch, head]) > self.prefill_token_budget:
                 break
             batch.append(self.waiting.popleft())
             free_slots -= head.params.n

@@ -5,6 +5,8 @@ own length, and its new token is written at its own position (no left padding be
 a slot's image keys and values live in (slots, h, N*s, hd) buffers (N = the most images a request may carry, s image
 tokens per image), with a mask over those N*s tokens and a gate that is off when the slot's tokens see no image. The
 requests admitted together are prefilled as one batch (prefill.py); each row is copied into the slot(s) it was given.
+With `retain` (the prefix cache, prefix.py) every slot also records the token and image view at each filled
+position, and a freed slot keeps its K/V and record until it is given to another request (least recently used first).
 
 Legend: B decode rows (slots 0..B-1), S positions per slot, T positions attended this step, M image tokens attended
 (N*s at most), h heads, hd head width, v vocabulary.
@@ -12,11 +14,11 @@ Legend: B decode rows (slots 0..B-1), S positions per slot, T positions attended
 
 from __future__ import annotations
 
-import heapq
-
+import numpy as np
 import torch
 
 from ..generation.loop import DecodeState
+from .prefix import PREFIX_MIN_TOKENS, PrefixStats, PromptRecord, common_prefix
 
 
 def image_tokens_per_image(config) -> int:
@@ -29,7 +31,7 @@ def image_tokens_per_image(config) -> int:
 class SlotCache:
     """Preallocated K/V for `num_slots` sequences of up to `max_len` positions and `max_images` images each."""
 
-    def __init__(self, model, *, num_slots: int, max_len: int, max_images: int):
+    def __init__(self, model, *, num_slots: int, max_len: int, max_images: int, retain: bool = False):
         c = model.config
         dtype, device = model.dtype, model.device  # the activations' (embeddings') dtype; an int8 LM head's is int8
         h, hd = model.model.num_heads, c.head_dim  # this rank's heads under tensor parallelism
@@ -45,9 +47,17 @@ class SlotCache:
         self.gate = torch.zeros(num_slots, dtype=torch.bool, device=device)  # does the slot see any image
         self.positions = torch.zeros(num_slots, dtype=torch.long, device=device)  # where each slot writes next
         self.rows = torch.arange(num_slots, device=device)
-        self.lengths = [0] * num_slots  # host copy of the filled positions per slot
+        self.lengths = [0] * num_slots  # host copy of the filled positions per slot (a freed slot's record with retain)
         self.images = [0] * num_slots  # images per slot (host)
-        self._free = list(range(num_slots))  # a heap: the lowest free slots are used first, keeping B small
+        self._free = set(range(num_slots))
+        # the prefix cache: what each slot's positions hold, and when each slot was last freed (a counter, not time)
+        self.retain = retain
+        self.record_tokens = np.zeros((num_slots, max_len), dtype=np.int64)  # (slots, S)
+        self.record_views = np.zeros((num_slots, max_len), dtype=np.int64)
+        self.last_view = [0] * num_slots  # the view of the tokens a slot decodes (its prompt's last)
+        self.freed_at = [-1] * num_slots
+        self._clock = 0
+        self.prefix_stats = PrefixStats()
 
     @staticmethod
     def bytes_per_slot(model, *, max_len: int, max_images: int) -> int:
@@ -63,15 +73,65 @@ class SlotCache:
     def free(self) -> int:
         return len(self._free)
 
-    def allocate(self, n: int) -> list[int]:
-        """The n lowest free slots (ValueError when fewer are free)."""
+    @property
+    def free_slots(self) -> list[int]:
+        return sorted(self._free)
+
+    def allocate(self, n: int, record: PromptRecord | None = None) -> list[int]:
+        """n free slots (ValueError when fewer are free): the lowest ones; with `retain` and a prompt's record, first
+        the free slot sharing its longest prefix (PREFIX_MIN_TOKENS at least), then the least recently freed ones."""
         if n > len(self._free):
             raise ValueError(f"{n} slots asked for, {len(self._free)} free")
-        return [heapq.heappop(self._free) for _ in range(n)]
+        free = sorted(self._free)
+        if not self.retain or record is None:
+            chosen = free[:n]
+        else:
+            shared = self.shared_prefix(record)
+            best = max(free, key=lambda s: (shared[s], -s))
+            first = [best] if shared[best] >= PREFIX_MIN_TOKENS else []
+            chosen = first + sorted((s for s in free if s not in first), key=lambda s: (self.freed_at[s], s))
+            chosen = chosen[:n]
+            self.prefix_stats.evictions += sum(1 for s in chosen if self.lengths[s] and s not in first)
+        self._free.difference_update(chosen)
+        return chosen
 
     def release(self, slot: int) -> None:
-        self.lengths[slot] = self.images[slot] = 0
-        heapq.heappush(self._free, slot)
+        """Free a slot; with `retain` it keeps its K/V and record (at most S - 1 positions: a free slot's decode
+        writes, unread, at its length)."""
+        self.images[slot] = 0
+        self.lengths[slot] = min(self.lengths[slot], self.max_len - 1) if self.retain else 0
+        self.freed_at[slot], self._clock = self._clock, self._clock + 1
+        self._free.add(slot)
+
+    def forget(self, slot: int) -> None:
+        """Drop a slot's record (its K/V may be partly written)."""
+        self.lengths[slot] = 0
+
+    # -- records (the prefix cache) --------------------------------------------------------------------------------
+    def shared_prefix(self, record: PromptRecord) -> np.ndarray:
+        """(slots,) positions each slot's record shares with the prompt's."""
+        return common_prefix(self.record_tokens, self.record_views, np.asarray(self.lengths), record)
+
+    def set_record(self, slot: int, record: PromptRecord) -> None:
+        t = len(record)
+        self.record_tokens[slot, :t] = record.tokens
+        self.record_views[slot, :t] = record.views
+        self.last_view[slot] = int(record.views[-1])
+        self.lengths[slot] = t
+
+    def advance(self, slots: list[int], tokens: list[int]) -> None:
+        """Slots `slots` were each fed one token (a decode step): record it and count the position."""
+        for s, token in zip(slots, tokens, strict=True):
+            position = self.lengths[s]
+            self.record_tokens[s, position] = token
+            self.record_views[s, position] = self.last_view[s]
+            self.lengths[s] = position + 1
+
+    @property
+    def retained_bytes(self) -> int:
+        """Bytes of self-attention K/V that free slots keep for reuse."""
+        width = 2 * len(self.k) * self.k[0][0, :, 0].nbytes  # per position, every layer's K and V
+        return width * sum(self.lengths[s] for s in self._free) if self.retain else 0
 
     # -- writes ----------------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -97,6 +157,28 @@ class SlotCache:
             self.image_mask[slot, :m] = state.cross_mask[row, 0, 0, :m]
             self.gate[slot] = state.gate[row, 0]
         self.lengths[slot], self.images[slot] = length, images
+
+    @torch.inference_mode()
+    def copy_positions(self, src: int, dst: int, length: int) -> None:
+        """Slot dst's first `length` positions (K/V in every layer, and the record) become slot src's."""
+        for k, v in zip(self.k, self.v, strict=True):
+            k[dst, :, :length] = k[src, :, :length]
+            v[dst, :, :length] = v[src, :, :length]
+        self.record_tokens[dst, :length] = self.record_tokens[src, :length]
+        self.record_views[dst, :length] = self.record_views[src, :length]
+
+    @torch.inference_mode()
+    def set_images(self, slot: int, image_kv: list[tuple[torch.Tensor, torch.Tensor]], last: torch.Tensor) -> None:
+        """A slot's image K/V (per gated layer (1, h, n*s, hd)) and the images its next tokens see, last (n,) 0/1."""
+        images = last.shape[0]
+        m = images * self.image_tokens
+        for dst_k, dst_v, (src_k, src_v) in zip(self.image_k, self.image_v, image_kv, strict=True):
+            dst_k[slot, :, :m] = src_k[0]
+            dst_v[slot, :, :m] = src_v[0]
+        self.image_mask[slot] = False
+        self.image_mask[slot, :m] = last.bool().repeat_interleave(self.image_tokens)
+        self.gate[slot] = bool(last.any())
+        self.images[slot] = images
 
     @property
     def nbytes(self) -> int:

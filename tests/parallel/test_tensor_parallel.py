@@ -187,19 +187,29 @@ def test_loader_reads_row_and_column_slices(tmp_path, bf16):
 
 
 def test_engine_under_load_gives_each_request_its_one_process_tokens(tmp_path, reference_checkpoints):
-    from tp_engine_worker import REQUESTS, encoded
+    """8 requests over 4 slots, then their second turns (prefix and image cache hits): each gets the tokens
+    generate() gives it in one process, and both ranks' caches made the same decisions."""
+    from tp_engine_worker import REQUESTS, encoded, second_turn
 
     folder = reference_checkpoints(MODELS[0])[1]
     result = torchrun(str(HERE / "tp_engine_worker.py"), str(folder), str(tmp_path / "tokens.json"))
     assert result.returncode == 0, result.stderr[-4000:]
     got = json.loads((tmp_path / "tokens.json").read_text())
     model = IdeficsForVisionText2Text.from_pretrained(folder)
+
+    def alone(prompt: dict, max_tokens: int) -> list[int]:
+        extra = {k: v for k, v in prompt.items() if k != "input_ids"}
+        out = model.generate(prompt["input_ids"], max_new_tokens=max_tokens, **extra)[0, prompt["input_ids"].shape[1] :]
+        out = out.tolist()
+        return out[: out.index(2) + 1] if 2 in out else out
+
     for i, (seed, length, images, max_tokens) in enumerate(REQUESTS):
         prompt = encoded(seed, length, images)
-        extra = {k: v for k, v in prompt.items() if k != "input_ids"}
-        out = model.generate(prompt["input_ids"], max_new_tokens=max_tokens, **extra)[0, length:].tolist()
-        expected = out[: out.index(2) + 1] if 2 in out else out
-        assert got[i] == expected, f"request {i}"
+        assert got["first"][i] == alone(prompt, max_tokens), f"request {i}"
+        assert got["second"][i] == alone(second_turn(prompt, got["first"][i], 4), max_tokens), f"request {i}, turn 2"
+    ranks = [json.loads((tmp_path / f"tokens.json.rank{r}").read_text()) for r in range(2)]
+    assert ranks[0] == ranks[1]
+    assert ranks[0]["image_cache"]["hits"] > 0 and ranks[0]["prefix_hits"] > 0
 
 
 def test_eval_with_two_ranks_predicts_what_one_process_does(tmp_path):

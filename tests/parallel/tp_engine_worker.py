@@ -1,6 +1,7 @@
 """Run under torchrun by the tensor-parallel engine test: rank 0 serves 8 concurrent requests (4 slots, so they
 queue, prefill in batches and finish at different steps) through the engine on the sharded model while the other
-ranks follow; rank 0 writes each request's tokens as JSON."""
+ranks follow, then a second turn of each that resends the first turn and its answer (prefix-cache and image-cache
+hits); every rank writes its cache counters and rank 0 the tokens, as JSON."""
 
 from __future__ import annotations
 
@@ -32,6 +33,18 @@ def encoded(seed: int, length: int, images: int, *, vocab: int = 66, size: int =
     return out
 
 
+def second_turn(prompt: dict, answer: list[int], extra: int) -> dict:
+    """The first turn's prompt and answer, then `extra` more tokens (the same images, seen by the new tokens)."""
+    more = torch.arange(3, 3 + extra)[None]
+    ids = torch.cat([prompt["input_ids"], torch.tensor([answer]), more], dim=1)
+    out = {"input_ids": ids}
+    if "pixel_values" in prompt:
+        mask = prompt["image_attention_mask"]
+        mask = torch.cat([mask, mask[:, -1:].expand(-1, ids.shape[1] - mask.shape[1], -1)], dim=1)
+        out |= {"pixel_values": prompt["pixel_values"], "image_attention_mask": mask}
+    return out
+
+
 def main() -> None:
     folder, out = sys.argv[1], Path(sys.argv[2])
     model = IdeficsForVisionText2Text.from_pretrained(folder, tp_plan="auto")
@@ -40,10 +53,20 @@ def main() -> None:
         engine.follow()
     else:
         with engine:
-            streams = [engine.submit(encoded(s, t, n), SamplingParams(max_tokens=m, temperature=0))
-                       for s, t, n, m in REQUESTS]  # fmt: skip
-            results = [stream.result()[0].token_ids for stream in streams]
-        out.write_text(json.dumps(results))
+            prompts = [encoded(s, t, n) for s, t, n, _ in REQUESTS]
+            greedy = [SamplingParams(max_tokens=m, temperature=0) for *_, m in REQUESTS]
+            first = [
+                s.result()[0].token_ids for s in [engine.submit(p, g) for p, g in zip(prompts, greedy, strict=True)]
+            ]
+            turns = [second_turn(p, a, 4) for p, a in zip(prompts, first, strict=True)]
+            # the last conversations first: their slots still hold their first turns (4 slots for 8 conversations)
+            streams = {i: engine.submit(turns[i], greedy[i]) for i in reversed(range(len(turns)))}
+            second = [streams[i].result()[0].token_ids for i in range(len(turns))]
+        out.write_text(json.dumps({"first": first, "second": second}))
+    stats = engine.stats()
+    counters = {"image_cache": stats["image_cache"], "lengths": engine.slots.lengths,
+                "prefix_hits": stats["prefix_cache"]["hits"]}  # fmt: skip
+    Path(f"{out}.rank{engine._channel.tp.rank if engine._channel else 0}").write_text(json.dumps(counters))
     leave()
 
 

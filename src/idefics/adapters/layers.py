@@ -1,4 +1,4 @@
-"""LoRA adapters (Hu et al. 2021, https://arxiv.org/abs/2106.09685) in PEFT's on-disk format.
+"""LoRA layers (Hu et al. 2021, https://arxiv.org/abs/2106.09685) and how an adapter is put into a model and taken out.
 
 Each targeted nn.Linear is swapped for a `LoraLinear` that keeps the base `weight` (so the model's own keys stay
 `...q_proj.weight`) and adds a rank-r update: y = x W^T + scaling * B A x, A (r, in) and B (out, r). Over a quantised
@@ -6,11 +6,6 @@ base (QLoRA) the frozen quantised layer is kept whole as `base_layer`; such an a
 its files are the same and load onto the full-precision base. Whole
 `modules_to_save` get trainable copies of their parameters; the originals are kept aside so `delete_adapter` restores
 the base exactly. Everything else is frozen while an adapter is attached.
-
-Files, as peft 0.21 writes and reads them for transformers' IdeficsForVisionText2Text (same module names):
-- `adapter_config.json`: PEFT's LoraConfig fields, with `auto_mapping` so that peft's AutoPeftModel finds the class.
-- `adapter_model.safetensors`: `base_model.model.<module>.lora_A.weight` (r, in), `...lora_B.weight` (out, r), and
-  for modules_to_save `base_model.model.<module>.<param>` (PEFT's `adapter_model.bin` is read too).
 
 Matching follows PEFT: a list entry of `target_modules` matches a module whose path equals it or ends with "." + entry,
 a string is a full-match regex over module paths; a `modules_to_save` entry matches a module whose path ends with it,
@@ -22,156 +17,26 @@ Legend for shape comments: r rank, d_in / d_out the wrapped Linear's widths.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 import re
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..loading import CheckpointError, resolve_pretrained_dir
 from ..modeling.layout import dense, project
 from ..quantization import Int8Head, QuantizedLinear
+from .config import LoraConfig
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_BIN = "adapter_model.bin"  # PEFT's older format; read, never written
-PREFIX = "base_model.model."  # where PEFT's PeftModel puts the wrapped model's keys
-AUTO_MAPPING = {
-    "base_model_class": "IdeficsForVisionText2Text",
-    "parent_library": "transformers.models.idefics.modeling_idefics",
-}
-LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
-# PEFT options that would change the adapter's numbers or shapes; a file that turns one on is refused.
-_MUST_BE_OFF = (
-    "use_dora", "lora_bias", "fan_in_fan_out", "rank_pattern", "alpha_pattern", "layers_to_transform",
-    "exclude_modules", "layer_replication", "trainable_token_indices", "target_parameters", "use_qalora",
-    "alora_invocation_tokens", "arrow_config", "kasa_config", "velora_config", "monteclora_config", "use_bdlora",
-)  # fmt: skip
-# init_lora_weights values that only decide A's and B's starting values (the others rewrite the base weights).
-_PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
 _ATTACHED = "_lora_adapter"  # the model attribute holding an `_Attached`
-
-
-@dataclass
-class LoraConfig:
-    """Which Linears get a rank-r update and how it is scaled; reads and writes PEFT's `adapter_config.json`."""
-
-    r: int = 8  # rank of the update B A
-    lora_alpha: float = 8  # the update is scaled by lora_alpha / r (lora_alpha / sqrt(r) with use_rslora)
-    lora_dropout: float = 0.0  # dropout on the adapter's input, in training only
-    # Module names (PEFT's suffix match) or one full-match regex over module paths. Like PEFT, "q_proj" also
-    # matches the vision tower's, the perceiver's and the gated cross-attention layers' q_proj.
-    target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
-    use_rslora: bool = False  # rank-stabilised scaling, lora_alpha / sqrt(r)
-    modules_to_save: list[str] | None = None  # whole modules trained and saved, e.g. "lm_head.additional_fc"
-    base_model_name_or_path: str | None = None  # default: the folder or hub id the model was loaded from
-
-    def __post_init__(self) -> None:
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"r must be a positive integer, got {self.r!r}")
-        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, int | float) or self.lora_alpha <= 0:
-            raise ValueError(f"lora_alpha must be a positive number, got {self.lora_alpha!r}")
-        if isinstance(self.lora_dropout, bool) or not isinstance(self.lora_dropout, int | float):
-            raise ValueError(f"lora_dropout must be a number in [0, 1), got {self.lora_dropout!r}")
-        if not 0 <= self.lora_dropout < 1:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
-        if isinstance(self.target_modules, str):
-            try:
-                re.compile(self.target_modules)
-            except re.error as error:
-                raise ValueError(f"target_modules {self.target_modules!r} is not a valid regex: {error}") from None
-        else:
-            self.target_modules = _names("target_modules", self.target_modules)
-            if not self.target_modules:
-                raise ValueError("target_modules is empty: name at least one Linear (e.g. q_proj) or give a regex")
-        if self.modules_to_save is not None:
-            self.modules_to_save = _names("modules_to_save", self.modules_to_save) or None
-
-    @property
-    def scaling(self) -> float:
-        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The `adapter_config.json` contents, as peft 0.21 writes them (plain LoRA: every extra feature off)."""
-        return {
-            "peft_type": "LORA",
-            "task_type": None,
-            "auto_mapping": dict(AUTO_MAPPING),
-            "base_model_name_or_path": self.base_model_name_or_path,
-            "revision": None,
-            "r": self.r,
-            "lora_alpha": self.lora_alpha,
-            "lora_dropout": self.lora_dropout,
-            "target_modules": self.target_modules,
-            "use_rslora": self.use_rslora,
-            "modules_to_save": self.modules_to_save,
-            "bias": "none",
-            "inference_mode": True,
-            "init_lora_weights": True,
-            **{key: None for key in ("layers_to_transform", "layers_pattern", "exclude_modules")},
-            **{key: False for key in ("fan_in_fan_out", "use_dora", "lora_bias")},
-            **{key: {} for key in ("rank_pattern", "alpha_pattern")},
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> LoraConfig:
-        """Read PEFT's `adapter_config.json` fields; unknown keys are ignored, options that change numbers refused."""
-        if data.get("peft_type", "LORA") != "LORA":
-            raise ValueError(f"peft_type {data['peft_type']!r} is not supported (only LORA)")
-        if data.get("bias", "none") != "none":
-            raise ValueError(f"bias={data['bias']!r} is not supported (only 'none': no trained biases)")
-        for key in _MUST_BE_OFF:
-            value = data.get(key)
-            if not (value is None or value is False or (isinstance(value, list | dict | str) and not value)):
-                raise ValueError(f"{key}={value!r} is not supported: it changes the adapter; only plain LoRA is")
-        init = data.get("init_lora_weights", True)
-        if init not in _PLAIN_INITS:
-            raise ValueError(
-                f"init_lora_weights={init!r} is not supported: that initialisation rewrites the base weights (or "
-                "the forward), so the adapter only fits a modified base"
-            )
-        if data.get("target_modules") is None:
-            raise ValueError("target_modules is missing (null): the adapter names no module")
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
-
-    @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike) -> LoraConfig:
-        """Read `adapter_config.json` from a folder."""
-        path = Path(directory) / ADAPTER_CONFIG
-        if not path.is_file():
-            raise FileNotFoundError(f"no {ADAPTER_CONFIG} in {directory}")
-        try:
-            return cls.from_dict(json.loads(path.read_text()))
-        except (json.JSONDecodeError, ValueError, TypeError) as error:
-            raise ValueError(f"{path}: {error}") from None
-
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / ADAPTER_CONFIG).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
-
-
-def _names(field_name: str, value: Any) -> list[str]:
-    if isinstance(value, str) or not isinstance(value, Iterable):
-        raise ValueError(f"{field_name} must be a list of module names, got {value!r}")
-    names = list(value)
-    bad = [name for name in names if not isinstance(name, str) or not name]
-    if bad:
-        raise ValueError(f"{field_name} must hold non-empty module names, got {bad[0]!r}")
-    return names
 
 
 class LoraLinear(nn.Linear):
     """An nn.Linear (its own `weight` and `bias`, untouched) plus a low-rank update scaled by `scaling`; over a
     quantised layer, that layer as `base_layer` (and no `weight` or `bias` of its own)."""
+
+    adapter_layer = True  # how `save_pretrained` (in modeling/, which does not import adapters) tells one apart
 
     def __init__(self, base: nn.Linear | QuantizedLinear, *, r: int, scaling: float, dropout: float):
         nn.Module.__init__(self)  # not nn.Linear's: the base weight is reused, not allocated
@@ -233,11 +98,13 @@ class _Attached:
 
 
 def adapter_config(model: nn.Module) -> LoraConfig | None:
+    """The attached adapter's config, or None."""
     attached = getattr(model, _ATTACHED, None)
     return attached.config if attached is not None else None
 
 
-def _attached(model: nn.Module) -> _Attached:
+def require_adapter(model: nn.Module) -> _Attached:
+    """What `add_adapter` recorded on the model; ValueError when no adapter is attached."""
     attached = getattr(model, _ATTACHED, None)
     if attached is None:
         raise ValueError("no adapter is attached: add_adapter() or load_adapter() first")
@@ -257,7 +124,7 @@ def _is_target(config: LoraConfig, module_name: str) -> bool:
     return any(module_name == t or module_name.endswith("." + t) for t in config.target_modules)
 
 
-def _saved_whole(config: LoraConfig, tensor_name: str) -> bool:
+def in_saved_module(config: LoraConfig, tensor_name: str) -> bool:
     """Whether a tensor lies in a module of `modules_to_save`: one whose path ends with an entry (PEFT's rule)."""
     parts = tensor_name.split(".")
     prefixes = [".".join(parts[:i]) for i in range(1, len(parts))]  # the paths of the modules holding it
@@ -291,7 +158,7 @@ def _saved_parameters(model: nn.Module, config: LoraConfig) -> list[str]:
     for entry in config.modules_to_save or ():
         if not any(name.endswith(entry) for name in modules):
             raise ValueError(f"modules_to_save entry {entry!r} matches no module of the model")
-    return [name for name, _ in model.named_parameters() if _saved_whole(config, name)]
+    return [name for name, _ in model.named_parameters() if in_saved_module(config, name)]
 
 
 def _swap_parameter(model: nn.Module, old: nn.Parameter, new: nn.Parameter) -> None:
@@ -358,7 +225,7 @@ def _detach(model: nn.Module, attached: _Attached, *, merge: bool) -> None:
 def merge_adapter(model: nn.Module) -> None:
     """Fold every update into its base weight (in place) and drop the LoRA layers; modules_to_save keep their
     trained values. Parameters get back the `requires_grad` they had before the adapter was added."""
-    attached = _attached(model)
+    attached = require_adapter(model)
     if any(isinstance(m, LoraLinear) and m.base_layer is not None for m in model.modules()):
         raise ValueError(
             "cannot merge a LoRA adapter into quantised weights: save_adapter() it and load it onto the "
@@ -370,104 +237,4 @@ def merge_adapter(model: nn.Module) -> None:
 def delete_adapter(model: nn.Module) -> None:
     """Remove the adapter: the LoRA layers go, modules_to_save get their original parameters back, and so do the
     `requires_grad` flags: the model is the base model again, bit for bit."""
-    _detach(model, _attached(model), merge=False)
-
-
-def adapter_state_dict(
-    source: nn.Module | Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]], config: LoraConfig
-) -> dict[str, torch.Tensor]:
-    """The adapter's tensors under PEFT's keys, from a model or from {our parameter name: tensor} (e.g. a gathered
-    FSDP state dict): LoRA A/B as `base_model.model.<module>.lora_A.weight`, modules_to_save parameters as
-    `base_model.model.<name>`. torch.compile's `_orig_mod.` is dropped from names."""
-    named = source.state_dict() if isinstance(source, nn.Module) else dict(source)
-    out = {}
-    for name, tensor in named.items():
-        name = name.replace("_orig_mod.", "")
-        if name.endswith(LORA_SUFFIXES) or _saved_whole(config, name):
-            out[PREFIX + name] = tensor
-    if not any(key.endswith(LORA_SUFFIXES) for key in out):
-        raise ValueError(f"no LoRA weights (names ending in {' or '.join(LORA_SUFFIXES)}) among the given tensors")
-    return out
-
-
-def _check_keys(found: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], where: str) -> None:
-    """CheckpointError naming the first unexpected, missing or mis-shaped key of `found`."""
-    for key, tensor in found.items():
-        if key not in expected:
-            raise CheckpointError(
-                f"{where}: key {key!r} matches no LoRA layer or module to save of the model "
-                f"(expected keys like {next(iter(expected))!r})"
-            )
-        if tensor.shape != expected[key].shape:
-            given, model = tuple(tensor.shape), tuple(expected[key].shape)
-            raise CheckpointError(f"shape mismatch for {key!r} in {where}: given {given}, model {model}")
-    missing = [key for key in expected if key not in found]
-    if missing:
-        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise CheckpointError(f"{where} lacks {missing[0]!r}{more}")
-
-
-def save_adapter(
-    model: nn.Module, directory: str | os.PathLike, *, state_dict: Mapping[str, torch.Tensor] | None = None
-) -> None:
-    """Write `adapter_config.json` and `adapter_model.safetensors` (PEFT's format) for the attached adapter.
-
-    `state_dict` ({our parameter name: tensor}, e.g. gathered from FSDP shards) is written instead of the model's
-    tensors; it must hold every adapter tensor, and may hold others (they are left out).
-    """
-    from safetensors.torch import save_file
-
-    attached = _attached(model)
-    expected = adapter_state_dict(dict(model.named_parameters()), attached.config)
-    tensors = expected if state_dict is None else adapter_state_dict(state_dict, attached.config)
-    _check_keys(tensors, expected, "the state_dict" if state_dict is not None else "the model")
-    meta = [key for key, t in tensors.items() if t.is_meta]
-    if meta:
-        raise ValueError(f"{meta[0]!r} is on the meta device: load or initialise the weights before saving")
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: t.detach().to("cpu").clone(memory_format=torch.contiguous_format) for k, t in tensors.items()}
-    save_file(tensors, directory / ADAPTER_WEIGHTS, metadata={"format": "pt"})
-    attached.config.save_pretrained(directory)
-
-
-def _read_weights(directory: Path) -> tuple[dict[str, torch.Tensor], Path]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    path = directory / ADAPTER_WEIGHTS
-    try:
-        if path.is_file():
-            return load_file(path), path
-        path = directory / ADAPTER_BIN
-        if path.is_file():
-            return torch.load(path, map_location="cpu", weights_only=True), path
-    except (SafetensorError, RuntimeError, EOFError, ValueError) as error:
-        raise CheckpointError(f"cannot read {path}: {error}") from None
-    raise FileNotFoundError(f"no {ADAPTER_WEIGHTS} (or {ADAPTER_BIN}) in {directory}")
-
-
-def load_adapter(model: nn.Module, path_or_id: str | os.PathLike, *, merge: bool = False) -> None:
-    """Attach the adapter in a folder (ours or PEFT's) or hub id; with `merge`, fold it in at once.
-
-    The adapter's tensors are cast to the model's (LoRA: its base weights') dtype and device; like `add_adapter`,
-    the LoRA weights and modules_to_save are left trainable and the rest frozen.
-    """
-    if any(p.is_meta for p in model.parameters()):
-        raise ValueError("the model's weights are on the meta device: load them before the adapter")
-    patterns = [ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTER_BIN]
-    directory = resolve_pretrained_dir(path_or_id, allow_patterns=patterns)
-    config = LoraConfig.from_pretrained(directory)
-    tensors, path = _read_weights(directory)
-    add_adapter(model, config)
-    try:
-        expected = adapter_state_dict(dict(model.named_parameters()), config)  # PEFT key -> our Parameter
-        _check_keys(tensors, expected, str(path))
-        with torch.no_grad():
-            for key, tensor in tensors.items():
-                expected[key].copy_(tensor)
-    except Exception:
-        delete_adapter(model)
-        raise
-    if merge:
-        merge_adapter(model)
+    _detach(model, require_adapter(model), merge=False)

@@ -1,7 +1,8 @@
 """Token generation: one cached loop (prefill + decode steps) that generate, streaming, CLI and server consume."""
 
 from .config import GenerationConfig
-from .loop import DecodeState, Step, decode_step, generate, generate_steps, prefill
+from .loop import Step, generate, generate_steps
+from .step import DecodeState, decode_step, prefill
 from .stream import TextDeltas, stream_generate
 
 __all__ = [

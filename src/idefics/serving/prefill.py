@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..generation.loop import DecodeState, prefill
+from ..generation.step import DecodeState, prefill
 from .requests import Request
 
 

@@ -16,7 +16,7 @@ import heapq
 
 import torch
 
-from ..generation.loop import DecodeState
+from ..generation.step import DecodeState
 
 
 def image_tokens_per_image(config) -> int:

@@ -27,7 +27,7 @@ import torch
 from common import bench_config, idefics_9b_config, make_inputs, ours_sharing, randomize_
 from tqdm import tqdm
 
-from idefics.modeling.model import causal_lm_loss
+from idefics.modeling.loss import causal_lm_loss
 from idefics.training import LoraConfig
 from idefics.training.loop import compile_layers
 

@@ -93,7 +93,7 @@ def test_sampling_is_reproducible_with_a_seed(capsys):
 
 def test_adapter_changes_the_answer(tmp_path, capsys):
     from idefics import IdeficsForVisionText2Text
-    from idefics.training.lora import LoraConfig
+    from idefics.adapters import LoraConfig
 
     model = IdeficsForVisionText2Text.from_pretrained(idefics.DEMO_MODEL)
     model.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=["o_proj", "down_proj"]))

@@ -4,9 +4,11 @@ from pathlib import Path
 
 from .cache import IdeficsCache, KVCache
 from .config import IdeficsConfig, IdeficsPerceiverConfig, IdeficsVisionConfig
-from .generation import GenerationConfig, stream_generate
+from .methods import attach_model_methods
 from .modeling import IdeficsCausalLMOutput, IdeficsForVisionText2Text, IdeficsModel, IdeficsModelOutput
 from .processing import IdeficsImageProcessor, IdeficsProcessor, IdeficsTokenizer, apply_chat_template
+
+attach_model_methods()  # generate and the adapter methods, from the layers above the model core (see methods.py)
 
 __version__ = "0.1.0"
 
@@ -31,3 +33,12 @@ __all__ = [
     "apply_chat_template",
     "stream_generate",
 ]
+
+
+def __getattr__(name: str):
+    """`idefics.GenerationConfig` and `idefics.stream_generate`, imported on first use (see methods.py)."""
+    if name in ("GenerationConfig", "stream_generate"):
+        from . import generation
+
+        return getattr(generation, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -6,7 +6,7 @@ import torch
 from reference import config_dict, make_batch
 
 import idefics
-from idefics.generation import compiling, decode_step, loop, prefill
+from idefics.generation import compiling, decode_step, prefill, step
 
 
 @pytest.fixture
@@ -82,8 +82,8 @@ def test_one_compiled_step_for_every_length(reference_checkpoints, fresh_dynamo,
     """On CPU the compiled step attends over the filled positions only, a dynamic length: one graph serves every
     step of a request (without the dynamic mark, the second step would compile again)."""
 
-    eager_compiled = torch.compile(loop.static_step, backend="eager", fullgraph=True)
-    monkeypatch.setitem(compiling._COMPILED, (loop.static_step, "cpu"), eager_compiled)
+    eager_compiled = torch.compile(step.static_step, backend="eager", fullgraph=True)
+    monkeypatch.setitem(compiling._COMPILED, (step.static_step, "cpu"), eager_compiled)
     model = idefics.IdeficsForVisionText2Text.from_pretrained(reference_checkpoints("resampler_qk_interval2")[1])
     batch = make_batch(config_dict("resampler_qk_interval2"))
     eager = teacher_forced_logits(model, batch, compile=False, steps=6)

@@ -5,7 +5,7 @@ import torch
 from reference import config_dict, make_batch
 
 import idefics
-from idefics.generation import GenerationConfig, compiling, decode_step, generate_steps, loop, prefill
+from idefics.generation import GenerationConfig, compiling, decode_step, generate_steps, prefill, step
 
 
 def batch_for(name, **kw):
@@ -114,7 +114,7 @@ def test_processors_match_reference_on_fixed_logits():
     for penalty in (0.7, 1.3, 2.0):
         padding = (mask != 0).int().argmax(dim=1)
         expected = lp.RepetitionPenaltyLogitsProcessor(penalty, prompt_ignore_length=padding)(history, scores.clone())
-        seen = loop.seen_tokens(history, mask, 50)
+        seen = step.seen_tokens(history, mask, 50)
         torch.testing.assert_close(ours.repetition_penalty(scores, seen, penalty), expected)
     expected = lp.MinNewTokensLengthLogitsProcessor(5, 7, eos_token_id=[3, 4])(history, scores.clone())
     got = ours.process(scores, GenerationConfig(min_new_tokens=7, eos_token_id=[3, 4]), seen=None, history=history,
@@ -174,8 +174,8 @@ def test_static_compiled_step_gives_the_same_tokens(reference_checkpoints, monke
     batch = batch_for("resampler_qk_interval2")
     kwargs = dict(max_new_tokens=8, eos_token_id=5, repetition_penalty=1.5)
     expected = ours.generate(**batch, **kwargs)
-    eager_compiled = torch.compile(loop.static_step, backend="eager", fullgraph=True)
-    monkeypatch.setitem(compiling._COMPILED, (loop.static_step, "cpu"), eager_compiled)
+    eager_compiled = torch.compile(step.static_step, backend="eager", fullgraph=True)
+    monkeypatch.setitem(compiling._COMPILED, (step.static_step, "cpu"), eager_compiled)
     assert torch.equal(ours.generate(**batch, compile=True, **kwargs), expected)
 
 
@@ -184,12 +184,12 @@ def test_static_cache_is_bucketed(reference_checkpoints, monkeypatch):
     shapes repeat across requests of different lengths."""
     _, ours = load(reference_checkpoints, "resampler_qk_interval2")
     batch = batch_for("resampler_qk_interval2")
-    monkeypatch.setattr(loop, "STATIC_BUCKET", 32)
+    monkeypatch.setattr(step, "STATIC_BUCKET", 32)
     _, state = prefill(ours, batch["input_ids"], **{k: v for k, v in batch.items() if k != "input_ids"},
                        capacity=20, cuda_graphs=False, compile=False)  # fmt: skip
     assert state.cache.kv.capacity == 20 and state.static_step is None
-    eager_compiled = torch.compile(loop.static_step, backend="eager", fullgraph=True)
-    monkeypatch.setitem(compiling._COMPILED, (loop.static_step, "cpu"), eager_compiled)
+    eager_compiled = torch.compile(step.static_step, backend="eager", fullgraph=True)
+    monkeypatch.setitem(compiling._COMPILED, (step.static_step, "cpu"), eager_compiled)
     _, state = prefill(ours, batch["input_ids"], **{k: v for k, v in batch.items() if k != "input_ids"},
                        capacity=20, compile=True)  # fmt: skip
     assert state.cache.kv.capacity == 32 and state.cache.kv.static

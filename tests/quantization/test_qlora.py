@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from idefics import IdeficsForVisionText2Text
+from idefics.adapters import LoraConfig, LoraLinear
 from idefics.quantization import Nf4Linear, QuantizationError, QuantizedLinear
 from idefics.training import FinetuneConfig, finetune
-from idefics.training.lora import LoraConfig, LoraLinear
 
 LORA = dict(lora_r=8, lora_alpha=16.0, lora_dropout=0.0, lora_targets="q_proj,v_proj,o_proj,down_proj")
 

@@ -2,7 +2,8 @@
 
 from .config import GenerationConfig
 from .constraints import Constraint, ConstraintError
-from .loop import DecodeState, Step, decode_step, generate, generate_steps, prefill
+from .loop import Step, generate, generate_steps
+from .step import DecodeState, decode_step, prefill
 from .stream import TextDeltas, stream_generate
 
 __all__ = [

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from .config import GenerationConfig
-from .loop import decode_step, prefill, sampling_generator, seen_tokens
 from .processors import process
+from .step import decode_step, prefill, sampling_generator, seen_tokens
 from .stopping import StopStrings, eos_hits
 
 NEG = -1.0e9

@@ -7,11 +7,7 @@ image, d width, h heads, hd head width, v vocabulary (regular + additional).
 
 from __future__ import annotations
 
-import os
-from typing import TYPE_CHECKING
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -21,42 +17,14 @@ from .cross_attention import IdeficsGatedCrossAttentionLayer
 from .embeddings import IdeficsDecoupledEmbedding, IdeficsDecoupledLinear
 from .freeze import freeze_module
 from .layers import IdeficsRMSNorm
+from .loss import causal_lm_loss, labelled_lm_loss
+from .masks import causal_mask, image_masks, position_ids_from
 from .outputs import IdeficsCausalLMOutput, IdeficsModelOutput
 from .perceiver import IdeficsPerceiverResampler
 from .pretrained import PretrainedMixin
 from .rope import IdeficsRotaryEmbedding
 from .text import IdeficsDecoderLayer
 from .vision import IdeficsVisionTransformer
-
-if TYPE_CHECKING:
-    from ..training.lora import LoraConfig
-
-
-def causal_mask(attention_mask: torch.Tensor | None, t: int, past: int) -> torch.Tensor | None:
-    """Boolean mask (b, 1, t, past + t), True = attend, from a 2D padding mask (b, past + t); None when SDPA's own
-    causal mode suffices. Fully masked rows (queries on left padding) come out of SDPA as zeros, as in the reference."""
-    if attention_mask is None and (past == 0 or t == 1):
-        return None  # SDPA's is_causal (t > 1) or attend-to-all (t == 1)
-    device = attention_mask.device if attention_mask is not None else None
-    query_pos = torch.arange(past, past + t, device=device)[:, None]  # (t, 1)
-    allowed = torch.arange(past + t, device=device)[None, :] <= query_pos  # (t, T)
-    if attention_mask is not None:
-        allowed = allowed[None] & attention_mask[:, None, :].bool()  # (b, t, T)
-    return allowed.view(-1, 1, t, past + t)  # (b or 1, 1, t, T)
-
-
-def image_masks(image_attention_mask: torch.Tensor, s: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(b, t, n) 0/1 -> boolean cross-attention mask (b, 1, t, n*s) and gate (b, t), False where no image is seen."""
-    attends = image_attention_mask.bool()  # (b, t, n)
-    return attends.repeat_interleave(s, dim=-1)[:, None], attends.any(dim=-1)
-
-
-def position_ids_from(attention_mask: torch.Tensor | None, t: int, past: int, device) -> torch.Tensor:
-    """Positions of the t new tokens (b or 1, t); with a mask, left padding does not count (the reference's rule)."""
-    if attention_mask is None:
-        return torch.arange(past, past + t, device=device)[None]
-    pos = attention_mask.long().cumsum(-1) - 1
-    return pos.masked_fill_(attention_mask == 0, 1)[:, -t:]
 
 
 class IdeficsModel(PretrainedMixin, nn.Module):
@@ -302,27 +270,11 @@ class IdeficsModel(PretrainedMixin, nn.Module):
         return IdeficsCache(kv)
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, *, reduction: str = "mean") -> torch.Tensor:
-    """Next-token cross-entropy over the whole vocabulary (regular + additional); label -100 is ignored.
-    logits (b, t, v), labels (b, t); `reduction` "mean" (per label token) or "sum"."""
-    logits = logits[:, :-1].float()  # (b, t-1, v)
-    targets = labels[:, 1:].to(logits.device)  # (b, t-1)
-    return F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction=reduction
-    )
-
-
-def labelled_lm_loss(lm_head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, *, reduction: str) -> torch.Tensor:
-    """The same loss with the LM head applied only where a next token is labelled: hidden (b, t, d), labels (b, t).
-    On instruction data most positions are prompt, so this skips most of the head's work and its (b, t, v) logits."""
-    targets = labels[:, 1:].to(hidden.device)  # (b, t-1)
-    keep = targets != -100
-    logits = lm_head(hidden[:, :-1][keep]).float()  # (labelled, v)
-    return F.cross_entropy(logits, targets[keep], reduction=reduction)
-
-
 class IdeficsForVisionText2Text(PretrainedMixin, nn.Module):
-    """IDEFICS with its decoupled LM head: logits over the regular and the additional vocabulary."""
+    """IDEFICS with its decoupled LM head: logits over the regular and the additional vocabulary.
+
+    `generate` and the LoRA adapter methods (`add_adapter`, `load_adapter`, ...) are attached by idefics/methods.py:
+    they belong to the layers above the model core."""
 
     checkpoint_prefix = ""
 
@@ -399,48 +351,3 @@ class IdeficsForVisionText2Text(PretrainedMixin, nn.Module):
             image_hidden_states=out.image_hidden_states,
             last_hidden_state=hidden,
         )
-
-    # -- LoRA adapters (training/lora.py; files in PEFT's format) --------------------------------------------------
-    @property
-    def adapter_config(self) -> LoraConfig | None:
-        """The attached adapter's config, or None."""
-        from ..training import lora
-
-        return lora.adapter_config(self)
-
-    def add_adapter(self, config: LoraConfig) -> None:
-        """Wrap the targeted Linears in LoRA layers, give `modules_to_save` trainable copies, freeze the rest."""
-        from ..training import lora
-
-        lora.add_adapter(self, config)
-
-    def load_adapter(self, path_or_id: str | os.PathLike, *, merge: bool = False) -> None:
-        """Attach an adapter saved by `save_adapter` or by peft (folder or hub id); fold it in with `merge`."""
-        from ..training import lora
-
-        lora.load_adapter(self, path_or_id, merge=merge)
-
-    def save_adapter(self, directory: str | os.PathLike, *, state_dict: dict[str, torch.Tensor] | None = None) -> None:
-        """Write `adapter_config.json` + `adapter_model.safetensors`, which peft's PeftModel loads too.
-        `state_dict` ({parameter name: tensor}, e.g. gathered from FSDP) is written instead of the model's own."""
-        from ..training import lora
-
-        lora.save_adapter(self, directory, state_dict=state_dict)
-
-    def merge_adapter(self) -> None:
-        """Fold the adapter into the base weights and drop the LoRA layers."""
-        from ..training import lora
-
-        lora.merge_adapter(self)
-
-    def delete_adapter(self) -> None:
-        """Remove the adapter; the model is the base model again, bit for bit."""
-        from ..training import lora
-
-        lora.delete_adapter(self)
-
-    def generate(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
-        """Generate after the prompt (b, t) -> (b, t + new); see `idefics.generation.generate` for the arguments."""
-        from ..generation import generate
-
-        return generate(self, input_ids, **kwargs)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -247,8 +246,7 @@ class PretrainedMixin:
         dropped) nor base + `lora_*` keys (a checkpoint nobody loads) is what the caller wants. `save_adapter` writes
         the adapter; `merge_adapter` first saves a model with it folded in; `delete_adapter` first saves the base.
         """
-        lora = sys.modules.get("idefics.training.lora")  # no adapter exists before that module is imported
-        if lora is not None and any(isinstance(module, lora.LoraLinear) for module in self.modules()):
+        if any(getattr(module, "adapter_layer", False) for module in self.modules()):  # idefics.adapters.LoraLinear
             raise ValueError(
                 "an unmerged LoRA adapter is attached: save_adapter() writes it; call merge_adapter() first to save "
                 "the model with it folded in, or delete_adapter() to save the base model"

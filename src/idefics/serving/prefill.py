@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..generation.loop import DecodeState, prefill
+from ..generation.step import DecodeState, prefill
 from ..image_cache import ImageCache, encode_cached
-from ..modeling.model import image_masks
+from ..modeling.masks import image_masks
 from .prefix import PREFIX_MIN_TOKENS
 from .requests import Request
 from .slots import SlotCache

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..generation.loop import DecodeState
+from ..generation.step import DecodeState
 from .prefix import PREFIX_MIN_TOKENS, PrefixStats, PromptRecord, common_prefix
 
 

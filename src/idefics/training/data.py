@@ -48,7 +48,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..processing.processor import IdeficsProcessor, image_attention_mask
-from .rows import BadRow, DatasetImage, Row, RowReader, open_image
+from .row_images import DatasetImage, open_image
+from .rows import BadRow, Row, RowReader
 
 SHOWN_REASONS = 5  # skipped rows listed by `DataReport.summary`
 

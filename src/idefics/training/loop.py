@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..adapters import LoraConfig
 from ..config import IdeficsConfig
 from ..modeling import IdeficsForVisionText2Text
 from ..modeling.init import init_weights
@@ -36,7 +37,6 @@ from . import checkpoint
 from .config import FinetuneConfig
 from .data import SFTDataset
 from .distributed import World, all_sum, repeated_layers, setup, shard, teardown
-from .lora import LoraConfig
 from .metrics import MetricsLog, plot_loss
 from .sampler import BatchPlan
 from .schedule import warmup_cosine

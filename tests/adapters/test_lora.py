@@ -10,8 +10,8 @@ from reference import config_dict, make_batch
 from safetensors.torch import load_file, save_file
 
 import idefics
+from idefics.adapters import LoraConfig, LoraLinear, adapter_state_dict
 from idefics.loading import CheckpointError
-from idefics.training.lora import LoraConfig, LoraLinear, adapter_state_dict
 
 NAME = "resampler_vector_ones_interval4"  # resampler, 3 additional tokens; transformers can build it (AutoPeftModel)
 QKV = ["q_proj", "k_proj", "v_proj"]

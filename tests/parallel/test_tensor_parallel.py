@@ -116,6 +116,17 @@ def test_refusals_are_one_line_errors_not_hangs(tmp_path, reference_checkpoints)
     assert "num_attention_heads (4) is not divisible by 3" in three.stdout
 
 
+def test_adapters_are_refused_on_a_sharded_model():
+    from idefics.adapters import LoraConfig
+
+    model = IdeficsForVisionText2Text.from_pretrained(DEMO_MODEL)
+    model.tensor_parallel = TensorParallel(group=None, rank=0, size=2, device=torch.device("cpu"))
+    with pytest.raises(ValueError, match="not supported on a model sharded over 2 processes"):
+        model.add_adapter(LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="not supported on a model sharded over 2 processes"):
+        model.load_adapter("/nonexistent")
+
+
 def test_tp_plan_without_a_process_group(monkeypatch):
     for name in ("RANK", "WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)

@@ -174,6 +174,16 @@ def _swap_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent), child, new)
 
 
+def refuse_tensor_parallel(model: nn.Module) -> None:
+    """ValueError for a model sharded over several processes: its Linears hold slices, the adapter whole matrices."""
+    tp = getattr(model, "tensor_parallel", None)
+    if tp is not None and tp.size > 1:
+        raise ValueError(
+            f"LoRA adapters are not supported on a model sharded over {tp.size} processes (tp_plan): merge the "
+            "adapter into the checkpoint on one process first (load it with merge=True, then save_pretrained)"
+        )
+
+
 def add_adapter(model: nn.Module, config: LoraConfig) -> None:
     """Wrap the targeted Linears, give `modules_to_save` trainable copies and freeze everything else.
 
@@ -182,6 +192,7 @@ def add_adapter(model: nn.Module, config: LoraConfig) -> None:
     """
     if getattr(model, _ATTACHED, None) is not None:
         raise ValueError("an adapter is already attached: merge_adapter() or delete_adapter() it first")
+    refuse_tensor_parallel(model)
     if config.base_model_name_or_path is None and getattr(model, "name_or_path", None):
         config = dataclasses.replace(config, base_model_name_or_path=model.name_or_path)
     targets = _targets(model, config)

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..loading import CheckpointError, resolve_pretrained_dir
 from .config import ADAPTER_CONFIG, LoraConfig
-from .layers import add_adapter, delete_adapter, in_saved_module, merge_adapter, require_adapter
+from .layers import add_adapter, delete_adapter, in_saved_module, merge_adapter, refuse_tensor_parallel, require_adapter
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_BIN = "adapter_model.bin"  # PEFT's older format; read, never written
@@ -107,6 +107,7 @@ def load_adapter(model: nn.Module, path_or_id: str | os.PathLike, *, merge: bool
     """
     if any(p.is_meta for p in model.parameters()):
         raise ValueError("the model's weights are on the meta device: load them before the adapter")
+    refuse_tensor_parallel(model)
     patterns = [ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTER_BIN]
     directory = resolve_pretrained_dir(path_or_id, allow_patterns=patterns)
     config = LoraConfig.from_pretrained(directory)

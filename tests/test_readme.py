@@ -49,7 +49,7 @@ def test_readme_examples_run(hub_like, tmp_path, monkeypatch, capsys):
     row = {"messages": [user, {"role": "assistant", "content": "A photo."}]}
     Path("train.jsonl").write_text(json.dumps(row) + "\n")  # the fine-tuning example's data
     blocks = code_blocks()
-    assert len(blocks) == 6
+    assert len(blocks) == 7
     namespace: dict = {}
     for block in blocks:
         exec(block.replace('"HuggingFaceM4/idefics-9b-instruct"', repr(str(hub_like))), namespace)  # noqa: S102

@@ -48,7 +48,7 @@ from .openmp import release_openmp_team
 from .params import ContextLengthError, EngineDraining, SamplingParams
 from .prefill import padded_tokens, prefill_into
 from .prefix import PREFIX_MIN_TOKENS, prompt_record
-from .replicas import Channel, decode_requests, encode_requests, heartbeat_interval
+from .replicas import Channel, DivergedError, decode_requests, encode_requests, heartbeat_interval
 from .requests import Request, RequestStream, Row, make_deltas
 from .sampler import choose, top_logprobs
 from .scheduler import Scheduler
@@ -304,7 +304,7 @@ class Engine:
                     if args["allocate"]:
                         groups = self._allocate(requests)
                         if groups != args["slots"]:  # the same operations gave another slot: the ranks diverged
-                            raise RuntimeError(f"rank 0 gave slots {args['slots']}, this rank {groups}")
+                            raise DivergedError(f"rank 0 gave slots {args['slots']}, this rank {groups}")
                     self._prefill(requests, args["slots"])
                 elif op == "decode":
                     self._forward(args["tokens"], args["lengths"], args["b"], args["length"], args["images"],
@@ -315,6 +315,8 @@ class Engine:
                     self._release(args["slot"])
                 elif op == "clear":
                     self.clear_caches()
+            except DivergedError:
+                raise
             except Exception as err:  # noqa: BLE001
                 print(f"idefics engine rank {self._channel.tp.rank}: {op} failed: {type(err).__name__}: {err}",
                       file=sys.stderr)  # fmt: skip

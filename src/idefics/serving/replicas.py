@@ -12,8 +12,10 @@ other rank (`Engine.follow`) runs the same operation on its own shards:
     heartbeat / stop                 an idle rank 0 is alive / the engine shut down
 
 Every operation is a deterministic function of its arguments and of the operations before it, so each rank's slot
-cache (and whatever cache keys off these operations) holds its heads of the same sequences. The logits come out the
-same on every rank (the LM head gathers them); only rank 0 reads them. The ranks' collectives wait at most
+cache (and whatever cache keys off these operations) holds its heads of the same sequences. A rank that finds
+itself diverged (another slot than rank 0's for the same request) stops: its collectives could no longer pair with
+rank 0's, and rank 0 stops with it (a spawned rank's exit ends rank 0; torchrun ends the others). The logits come
+out the same on every rank (the LM head gathers them); only rank 0 reads them. The ranks' collectives wait at most
 IDEFICS_DIST_TIMEOUT; an idle rank 0 sends a heartbeat well within it. Messages are a JSON header plus tensors:
 nothing is pickled.
 """
@@ -78,14 +80,18 @@ def encode_requests(requests: list) -> tuple[list[dict], list[torch.Tensor]]:
             return value
         raise TypeError(f"a request field holds a {type(value).__name__}, which the other ranks cannot be sent")
 
-    fields = [{f.name: encode(getattr(r, f.name)) for f in dataclasses.fields(r) if f.name not in SKIPPED_FIELDS}
-              for r in requests]  # fmt: skip
+    fields = [
+        {f.name: encode(getattr(r, f.name)) for f in dataclasses.fields(r) if f.name not in SKIPPED_FIELDS}
+        | {"n": r.params.n}
+        for r in requests
+    ]  # fmt: skip (n: the slots a request takes)
     return fields, tensors
 
 
 def decode_requests(fields: list[dict], tensors: list[torch.Tensor], device: torch.device) -> list:
-    """The followers' copies of rank 0's requests (no stream; default sampling parameters: never used there; the
-    prefix cache's record rebuilt from the token ids, image mask and image keys, as `Engine.submit` builds it)."""
+    """The followers' copies of rank 0's requests (no stream; sampling parameters but `n` left at their defaults:
+    never used there; the prefix cache's record rebuilt from the token ids, image mask and image keys, as
+    `Engine.submit` builds it)."""
     from .params import SamplingParams
     from .prefix import prompt_record
     from .requests import Request
@@ -102,8 +108,13 @@ def decode_requests(fields: list[dict], tensors: list[torch.Tensor], device: tor
     requests = []
     for f in fields:
         values = {k: decode(v) for k, v in f.items()}
+        n = values.pop("n")
         values["image_keys"] = tuple(values.get("image_keys", ()))
         mask = values["image_inputs"].get("image_attention_mask")
         record = prompt_record(values["input_ids"], mask, values["image_keys"])
-        requests.append(Request(**values, params=SamplingParams(), stream=None, record=record))
+        requests.append(Request(**values, params=SamplingParams(n=n), stream=None, record=record))
     return requests
+
+
+class DivergedError(RuntimeError):
+    """A rank's engine state no longer matches rank 0's: fatal for the whole group."""

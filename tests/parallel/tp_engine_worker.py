@@ -11,6 +11,10 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).parents[1] / "serving"))  # the engine tests' prompts
+
+from test_engine import encoded  # noqa: E402
+
 from idefics import IdeficsForVisionText2Text
 from idefics.parallel import leave
 from idefics.serving import Engine, EngineConfig, SamplingParams
@@ -18,19 +22,6 @@ from idefics.serving import Engine, EngineConfig, SamplingParams
 # (seed, prompt length, images, max_tokens); the tiny test models have 64 + extra ids and 28-pixel images
 REQUESTS = [(1, 20, 2, 12), (2, 7, 0, 30), (3, 12, 3, 8), (4, 5, 1, 16), (5, 16, 0, 5), (6, 9, 2, 20), (7, 24, 1, 10),
             (8, 11, 1, 14)]  # fmt: skip
-
-
-def encoded(seed: int, length: int, images: int, *, vocab: int = 66, size: int = 28) -> dict:
-    """One encoded prompt: random ids; image j is seen from position 2 + 3j on."""
-    g = torch.Generator().manual_seed(seed)
-    out = {"input_ids": torch.randint(3, vocab, (1, length), generator=g)}
-    if images:
-        mask = torch.zeros(1, length, images, dtype=torch.long)
-        for j in range(images):
-            mask[0, 2 + 3 * j :, :] = 0
-            mask[0, 2 + 3 * j :, j] = 1
-        out |= {"pixel_values": torch.randn(1, images, 3, size, size, generator=g), "image_attention_mask": mask}
-    return out
 
 
 def second_turn(prompt: dict, answer: list[int], extra: int) -> dict:

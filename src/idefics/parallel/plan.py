@@ -80,14 +80,9 @@ def apply_plan(model: nn.Module, tp: TensorParallel) -> dict[nn.Module, Slice]:
     backbone = model.model if hasattr(model, "lm_head") else model
     heads = c.num_attention_heads // n
     width = heads * c.head_dim
-    for layer in backbone.layers:
-        attention = layer.self_attn
-        for linear in (attention.q_proj, attention.k_proj, attention.v_proj):
-            column(linear, width)
-        row(attention.o_proj, width)
-        attention.num_heads, attention.tp_group = heads, group
-    for gated in backbone.gated_cross_attn_layers:
-        attention = gated.cross_attn
+    attentions = [layer.self_attn for layer in backbone.layers]
+    attentions += [gated.cross_attn for gated in backbone.gated_cross_attn_layers]  # image K/V split by head too
+    for attention in attentions:
         for linear in (attention.q_proj, attention.k_proj, attention.v_proj):
             column(linear, width)
         row(attention.o_proj, width)

@@ -161,9 +161,8 @@ def follow(args: argparse.Namespace) -> None:
 
     try:
         engine, _ = build_engine(args, tp_plan="auto")
-    except UserError as err:
-        print(f"idefics serve: error: {err}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    except UserError:
+        sys.exit(2)  # rank 0 loads the same model and reports the error once; it sees this rank's exit code too
     engine.follow()
     leave()
 

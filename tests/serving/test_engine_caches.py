@@ -199,3 +199,79 @@ def test_a_shared_prefix_is_copied_from_a_running_slot(tiny):
     assert prefix["hits"] == 1 and prefix["copied"] == 1 and prefix["tokens_reused"] == 22
     assert a.result()[0].token_ids == alone(tiny, first, 10, ignore_eos=True)
     assert b.result()[0].token_ids == alone(tiny, second, 10, ignore_eos=True)
+
+
+def test_width_groups_are_the_cheapest_split():
+    def partitions(items):  # every set partition of a list
+        if not items:
+            yield []
+            return
+        head, *rest = items
+        for part in partitions(rest):
+            for i in range(len(part)):
+                yield part[:i] + [[head, *part[i]]] + part[i + 1 :]
+            yield [[head], *part]
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(40):
+        n = 1 + trial % 7
+        widths = torch.randint(1, 90, (n,), generator=g).tolist()
+        cost = [0, 16, 64, 1000][trial % 4]
+        price = lambda groups, w=widths, c=cost: sum(len(x) * max(w[i] for i in x) + c for x in groups)  # noqa: E731
+        groups = prefill.width_groups(widths, cost)
+        assert sorted(i for x in groups for i in x) == list(range(n))  # every row once
+        assert price(groups) == min(price(p) for p in partitions(list(range(n)))), (widths, cost, groups)
+        assert prefill.padded_tokens(widths, cost) == price(groups) - cost * len(groups)
+    assert prefill.padded_tokens([3, 50]) == 100 and prefill.padded_tokens([3, 50], 0) == 53
+    assert prefill.width_groups([], 64) == [] and prefill.width_groups([7, 7], 0) == [[0, 1]]  # a tie: fewer batches
+
+
+def test_prompts_of_very_different_lengths_are_prefilled_in_batches_of_their_width(tiny, monkeypatch):
+    # 6 short and 2 long prompts arrive together: two left-padded batches, not one padded to the longest; their next
+    # turns (2 and 31 new positions) again in two right-aligned batches; every answer as generate() alone gives it.
+    # A pass costs 8 positions here (64 on CPU by default: more than this 64-position model's prompts could save)
+    monkeypatch.setitem(prefill.PASS_COST, "cpu", 8)
+    batches = []
+    for name in ("prefill_batch", "slot_prefill"):
+        real = getattr(prefill, name)
+        monkeypatch.setattr(prefill, name, lambda model, *a, _real=real, _name=name:
+                            batches.append((_name, len(a[0] if _name == "prefill_batch" else a[1]))) or
+                            _real(model, *a))  # fmt: skip
+    prompts = {c: encoded(20 + c, 9 if c < 6 else 20, 1) for c in range(8)}
+    engine = Engine(tiny, None, EngineConfig(max_batch_size=8, max_images_per_request=1, prefill_token_budget=4096))
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    for turn in range(2):
+        streams = {c: engine.submit(p, params) for c, p in prompts.items()}
+        while engine.step():
+            pass
+        for c, stream in streams.items():
+            tokens = stream.result()[0].token_ids
+            assert tokens == alone(tiny, prompts[c], 4, ignore_eos=True), (turn, c)
+            prompts[c] = next_turn(prompts[c], tokens, 30 + c, 1 if c < 6 else 30)
+    assert sorted(batches) == [("prefill_batch", 2), ("prefill_batch", 6), ("slot_prefill", 2), ("slot_prefill", 6)]
+
+
+def test_a_next_turn_in_its_own_slot_keeps_the_slots_image_kv(tiny, monkeypatch):
+    projected = []
+    real = tiny.model.project_images
+    monkeypatch.setattr(tiny.model, "project_images", lambda states: projected.append(states.shape[1]) or real(states))
+    first = encoded(40, 14, 1)
+    engine = Engine(tiny, None, EngineConfig(max_batch_size=2))
+    params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+    answer = engine.submit(first, params)
+    while engine.step():
+        pass
+    tokens = answer.result()[0].token_ids
+    second = next_turn(first, tokens, 41, 4)
+    again = engine.submit(second, params)
+    while engine.step():
+        pass
+    assert projected == [1]  # the first turn's prefill only: the second found the image's K/V in its slot
+    assert engine.stats()["prefix_cache"]["hits"] == 1 and engine.stats()["prefix_cache"]["copied"] == 0
+    third = next_turn(second, again.result()[0].token_ids, 42, 3, image=torch.randn(3, 28, 28))  # a new image
+    last = engine.submit(third, params)
+    while engine.step():
+        pass
+    assert projected == [1, 2]  # another image list: projected again
+    assert again.result()[0].token_ids == alone(tiny, second, 5, ignore_eos=True)
+    assert last.result()[0].token_ids == alone(tiny, third, 5, ignore_eos=True)

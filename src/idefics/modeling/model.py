@@ -14,6 +14,7 @@ from torch.utils.checkpoint import checkpoint
 from ..cache import IdeficsCache, KVCache
 from ..config import IdeficsConfig
 from .cross_attention import IdeficsGatedCrossAttentionLayer
+from .distinct import distinct_rows
 from .embeddings import IdeficsDecoupledEmbedding, IdeficsDecoupledLinear
 from .freeze import freeze_module
 from .layers import IdeficsRMSNorm
@@ -125,9 +126,26 @@ class IdeficsModel(PretrainedMixin, nn.Module):
         return states.view(-1, num_images, *states.shape[1:])  # (b, n, s, d_img)
 
     def project_images(self, image_states: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(b, n, s, d_img) -> each gated layer's image keys and values (b, h, n*s, hd)."""
-        flat = image_states.flatten(1, 2).to(self.dtype)  # (b, n*s, d_img)
-        return [layer.cross_attn.project_image(flat) for layer in self.gated_cross_attn_layers]
+        """(b, n, s, d_img) -> each gated layer's image keys and values (b, h, n*s, hd).
+
+        An image that appears more than once in the batch (few-shot prompts sharing support images, several questions
+        about one image, padding) is projected once: each row of a projection depends only on its own input row."""
+        b, n, s, _ = image_states.shape
+        images = image_states.flatten(0, 1).to(self.dtype)  # (b*n, s, d_img)
+        first, inverse = distinct_rows(images)
+        if len(first) == b * n:
+            flat = images.view(b, n * s, -1)  # (b, n*s, d_img)
+            return [layer.cross_attn.project_image(flat) for layer in self.gated_cross_attn_layers]
+        unique = images[torch.tensor(first, device=images.device)].flatten(0, 1)[None]  # (1, u*s, d_img)
+        index = torch.tensor(inverse, device=images.device)
+        out = []
+        for layer in self.gated_cross_attn_layers:
+            pair = []
+            for x in layer.cross_attn.project_image(unique):  # (1, h, u*s, hd)
+                x = x.view(x.shape[1], len(first), s, x.shape[-1]).index_select(1, index)  # (h, b*n, s, hd)
+                pair.append(x.view(x.shape[0], b, n * s, x.shape[-1]).transpose(0, 1))  # (b, h, n*s, hd)
+            out.append((pair[0], pair[1]))
+        return out
 
     # -- forward -----------------------------------------------------------------------------------------------
     def forward(

@@ -46,7 +46,7 @@ from .inputs import encode_prompt
 from .metrics import EngineMetrics
 from .openmp import release_openmp_team
 from .params import ContextLengthError, EngineDraining, SamplingParams
-from .prefill import padded_tokens, prefill_into
+from .prefill import padded_tokens, pass_cost, prefill_into
 from .prefix import PREFIX_MIN_TOKENS, prompt_record
 from .replicas import Channel, DivergedError, decode_requests, encode_requests, heartbeat_interval
 from .requests import Request, RequestStream, Row, make_deltas
@@ -417,13 +417,14 @@ class Engine:
         self._start(requests, slots, logits)
 
     def _prefill_cost(self, requests: list[Request]) -> int:
-        """Positions prefilled for these requests: the left-padded batch of those prefilled whole, and the
-        right-aligned batch of the rest after the prefix a slot holds (as prefill_into will run them)."""
+        """Positions prefilled for these requests, padding included: the left-padded batches of those prefilled
+        whole, and the right-aligned batches of the rest after the prefix a slot holds (as prefill_into runs them)."""
         whole, rest = [], []
         for r in requests:
             start = int(self.slots.shared_prefix(r.record).max()) if self.slots.retain else 0
             (rest if start >= PREFIX_MIN_TOKENS else whole).append(r.prompt_tokens - start)
-        return padded_tokens(whole) + padded_tokens(rest)
+        cost = pass_cost(self.device)
+        return padded_tokens(whole, cost) + padded_tokens(rest, cost)
 
     def _fail_prefill(self, request: Request, slots: list[int]) -> None:
         err = sys.exc_info()[1]

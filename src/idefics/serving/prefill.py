@@ -37,9 +37,45 @@ class Prefilled:
     images: list[int]  # images of each request
 
 
-def padded_tokens(prompt_lengths: list[int]) -> int:
-    """Positions a batch of these prompts costs once left-padded to the longest."""
-    return len(prompt_lengths) * max(prompt_lengths, default=0)
+# What one more forward pass costs, in prefilled positions: its fixed part (reading every weight once, the per-call
+# work) against the padding it saves. CPU, bench model, 2 threads: a 26-token row alone takes 88 ms, 15 rows of 59
+# tokens ~1.0 s (~1.1 ms a position), so a pass costs ~50-60 positions there. On an accelerator a position costs far
+# less next to a pass (kernel launches, weight reads), so splitting is worth it only for large padding.
+PASS_COST = {"cpu": 64}
+PASS_COST_OTHER = 1024
+
+
+def pass_cost(device: torch.device) -> int:
+    return PASS_COST.get(device.type, PASS_COST_OTHER)
+
+
+def width_groups(widths: list[int], cost: int) -> list[list[int]]:
+    """Split rows of these widths into batches (each padded to its widest) so that the padded positions plus `cost`
+    per batch are fewest; returns the rows' indices per batch, widest batch first, each in the given order. Optimal
+    over batches of consecutive widths in sorted order (the best split is always of that form)."""
+    if not widths:
+        return []
+    order = sorted(range(len(widths)), key=lambda i: (widths[i], i))
+    n = len(order)
+    best = [0] + [None] * n  # best[j]: the least cost of the first j rows (sorted); cut[j]: where its last batch starts
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j):  # the last batch: sorted rows i..j-1, as wide as row j-1
+            total = best[i] + (j - i) * widths[order[j - 1]] + cost
+            if best[j] is None or total < best[j]:
+                best[j], cut[j] = total, i
+    groups, j = [], n
+    while j:
+        groups.append(sorted(order[cut[j] : j]))
+        j = cut[j]
+    return groups  # the last sorted batch (the widest) first
+
+
+def padded_tokens(prompt_lengths: list[int], cost: int | None = None) -> int:
+    """Positions prompts of these lengths take, padding included, when prefilled in the `width_groups` batches a pass
+    cost of `cost` gives (None: as one batch)."""
+    groups = width_groups(prompt_lengths, cost) if cost is not None else [list(range(len(prompt_lengths)))]
+    return sum(len(g) * max(prompt_lengths[i] for i in g) for g in groups if g)
 
 
 @torch.inference_mode()
@@ -71,22 +107,24 @@ def prefill_into(model, cache: SlotCache, requests: list[Request], slots: list[l
         set_slot_images(model, cache, group[0], request, states[i])
         cache.set_record(group[0], request.record)
         reused.append((i, start))
-    if reused:
-        out = slot_prefill(model, cache, [slots[i][0] for i, _ in reused], [requests[i] for i, _ in reused],
-                           [start for _, start in reused])  # fmt: skip
-        for (i, _), row in zip(reused, out, strict=True):
+    cost = pass_cost(cache.positions.device)
+    for group in width_groups([requests[i].prompt_tokens - start for i, start in reused], cost):
+        part = [reused[g] for g in group]
+        out = slot_prefill(model, cache, [slots[i][0] for i, _ in part], [requests[i] for i, _ in part],
+                           [start for _, start in part])  # fmt: skip
+        for (i, _), row in zip(part, out, strict=True):
             logits[i] = row
             for other in slots[i][1:]:
                 cache.copy_positions(slots[i][0], other, requests[i].prompt_tokens)
                 set_slot_images(model, cache, other, requests[i], states[i])
                 cache.set_record(other, requests[i].record)
-    if batched:
-        chosen = [requests[i] for i in batched]
-        batch = prefill_batch(model, chosen, [states[i] for i in batched])
-        for row, i in enumerate(batched):
+    for group in width_groups([requests[i].prompt_tokens for i in batched], cost):
+        part = [batched[g] for g in group]
+        batch = prefill_batch(model, [requests[i] for i in part], [states[i] for i in part])
+        for row, i in enumerate(part):
             for slot in slots[i]:
                 cache.load(slot, batch.state, requests[i].prompt_tokens, row=row, offset=batch.offsets[row],
-                           images=batch.images[row])  # fmt: skip
+                           images=batch.images[row], keys=requests[i].image_keys)  # fmt: skip
                 cache.set_record(slot, requests[i].record)
             logits[i] = batch.logits[row]
     return torch.stack(logits)
@@ -169,13 +207,16 @@ def encode_requests(model, requests: list[Request], image_cache: ImageCache | No
 
 
 def set_slot_images(model, cache: SlotCache, slot: int, request: Request, states: torch.Tensor | None) -> None:
-    """Write a request's image K/V into its slot (projected from its image states (1, n, s, d_img))."""
+    """Write a request's image K/V into its slot (projected from its image states (1, n, s, d_img)); a slot that
+    already holds the K/V of exactly these images (a chat's next turn in its own slot) keeps them."""
     if states is None:
         cache.images[slot] = 0
         cache.gate[slot] = False
         return
     last = request.image_inputs["image_attention_mask"][0, -1]  # (n,)
-    cache.set_images(slot, model.model.project_images(states), last)
+    keys = tuple(request.image_keys) if len(request.image_keys) == states.shape[1] else None
+    image_kv = None if keys is not None and cache.image_ids[slot] == keys else model.model.project_images(states)
+    cache.set_images(slot, image_kv, last, keys=keys)
 
 
 @torch.inference_mode()

@@ -49,6 +49,9 @@ class SlotCache:
         self.rows = torch.arange(num_slots, device=device)
         self.lengths = [0] * num_slots  # host copy of the filled positions per slot (a freed slot's record with retain)
         self.images = [0] * num_slots  # images per slot (host)
+        # the image-cache keys of the images whose K/V each slot's image buffers hold (None: unknown), kept when the
+        # slot is freed: a chat's next turn in the same slot reuses them without projecting again
+        self.image_ids: list[tuple[str, ...] | None] = [None] * num_slots
         self._free = set(range(num_slots))
         # the prefix cache: what each slot's positions hold, and when each slot was last freed (a counter, not time)
         self.retain = retain
@@ -106,6 +109,7 @@ class SlotCache:
     def forget(self, slot: int) -> None:
         """Drop a slot's record (its K/V may be partly written)."""
         self.lengths[slot] = 0
+        self.image_ids[slot] = None
 
     # -- records (the prefix cache) --------------------------------------------------------------------------------
     def shared_prefix(self, record: PromptRecord) -> np.ndarray:
@@ -136,9 +140,10 @@ class SlotCache:
     # -- writes ----------------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def load(self, slot: int, state: DecodeState, length: int, *, row: int = 0, offset: int = 0,
-             images: int | None = None) -> None:  # fmt: skip
+             images: int | None = None, keys: tuple[str, ...] | None = None) -> None:  # fmt: skip
         """Copy row `row` of a prefill's cache into `slot`: its `length` positions (from `offset`, after its left
-        padding), its first `images` images' K/V (default: all) and the image mask of its last token."""
+        padding), its first `images` images' K/V (default: all; `keys` names them) and the image mask of its last
+        token."""
         kv = state.cache.kv
         for dst_k, dst_v, src_k, src_v in zip(self.k, self.v, kv.k, kv.v, strict=True):
             dst_k[slot, :, :length] = src_k[row, :, offset : offset + length]
@@ -157,6 +162,7 @@ class SlotCache:
             self.image_mask[slot, :m] = state.cross_mask[row, 0, 0, :m]
             self.gate[slot] = state.gate[row, 0]
         self.lengths[slot], self.images[slot] = length, images
+        self.image_ids[slot] = () if not images else tuple(keys) if keys is not None and len(keys) == images else None
 
     @torch.inference_mode()
     def copy_positions(self, src: int, dst: int, length: int) -> None:
@@ -168,13 +174,20 @@ class SlotCache:
         self.record_views[dst, :length] = self.record_views[src, :length]
 
     @torch.inference_mode()
-    def set_images(self, slot: int, image_kv: list[tuple[torch.Tensor, torch.Tensor]], last: torch.Tensor) -> None:
-        """A slot's image K/V (per gated layer (1, h, n*s, hd)) and the images its next tokens see, last (n,) 0/1."""
+    def set_images(self, slot: int, image_kv: list[tuple[torch.Tensor, torch.Tensor]] | None, last: torch.Tensor, *,
+                   keys: tuple[str, ...] | None = None) -> None:  # fmt: skip
+        """A slot's image K/V (per gated layer (1, h, n*s, hd); None: the slot holds them already, as `keys` says) and
+        the images its next tokens see, last (n,) 0/1."""
         images = last.shape[0]
         m = images * self.image_tokens
-        for dst_k, dst_v, (src_k, src_v) in zip(self.image_k, self.image_v, image_kv, strict=True):
-            dst_k[slot, :, :m] = src_k[0]
-            dst_v[slot, :, :m] = src_v[0]
+        if image_kv is None:
+            if keys is None or self.image_ids[slot] != keys:
+                raise ValueError(f"slot {slot} does not hold the K/V of images {keys}")
+        else:
+            for dst_k, dst_v, (src_k, src_v) in zip(self.image_k, self.image_v, image_kv, strict=True):
+                dst_k[slot, :, :m] = src_k[0]
+                dst_v[slot, :, :m] = src_v[0]
+            self.image_ids[slot] = keys
         self.image_mask[slot] = False
         self.image_mask[slot, :m] = last.bool().repeat_interleave(self.image_tokens)
         self.gate[slot] = bool(last.any())

@@ -119,7 +119,11 @@ def test_generation_with_quantised_layers_matches_without_cache(wide_checkpoint,
         images = torch.cat([images, images[:, -1:].expand(-1, 3, -1)], dim=1)
         full = model(input_ids=ids, attention_mask=mask, pixel_values=batch["pixel_values"],
                      image_attention_mask=images).logits  # fmt: skip
-    assert torch.equal(full[:, -4:].argmax(-1), out[:, -4:])
+    # Each generated token is the full pass's argmax, or a near tie with it: decode and prefill add in a different
+    # order, and int8's activation rounding can turn that into a flip (measured: one of 12 at a gap of 0.006).
+    full, picked = full[:, -4:], out[:, -4:]
+    gap = full.max(-1).values - full.gather(-1, picked[..., None])[..., 0]  # (b, 4)
+    assert gap.max() <= 0.02 and (gap == 0).sum() >= gap.numel() - 1, gap
 
 
 def test_errors(wide_checkpoint):

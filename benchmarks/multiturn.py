@@ -1,6 +1,7 @@
 """Multi-turn chat on `idefics serve`, with the image and prefix caches on and off, side by side in one run.
 
-    python benchmarks/multiturn.py [--preset bench|demo] [--conversations 16] [--turns 5] [--max-tokens 16]
+    python benchmarks/multiturn.py [--preset bench|demo] [--replies words|free] [--conversations 16] [--turns 5]
+                                   [--max-tokens 16]
 
 Each conversation is a chat about one image of its own, as the `openai` client sends it: every turn resends the
 whole history (the image in the first user message, the earlier replies as assistant messages) plus a new question,
@@ -13,6 +14,12 @@ reply is the same with the caches on and off.
 
 Presets: `bench` (benchmarks/common.py's CPU config with the demo model's vocabulary, random weights, 224 px images;
 built once into build/serve_bench_model, as serve_load.py does), `demo` (the bundled demo model).
+
+`--replies words` (the default) sends OpenAI's `logit_bias` (+100 on each whole-word token that the tokenizer
+spells as itself), so the replies are words that survive the round trip through text, as a trained model's do: the
+next turn's prompt then holds the reply's own tokens and the prefix cache reaches to its end. With `free` a random
+model's replies are arbitrary pieces that the tokenizer spells otherwise (the worst case for a prefix cache), and
+each turn prefills its reply again.
 """
 
 from __future__ import annotations
@@ -46,14 +53,30 @@ def image_urls(n: int, seed: int) -> list[str]:
     return urls
 
 
+def word_tokens(model: str) -> list[int]:
+    """The tokenizer's whole-word tokens (a space and letters) that it encodes back to themselves."""
+    from idefics import IdeficsProcessor
+
+    tokenizer = IdeficsProcessor.from_pretrained(model).tokenizer
+    words = []
+    for i in range(len(tokenizer)):
+        piece = tokenizer.convert_ids_to_tokens(i)
+        if piece.startswith("▁") and piece[1:].isalpha() and len(piece) > 2:
+            if tokenizer(" " + piece[1:], add_special_tokens=False)["input_ids"] == [i]:
+                words.append(i)
+    return words
+
+
 async def conversation(client: httpx.AsyncClient, base_url: str, image: str, questions: list[str],
-                       max_tokens: int) -> list[Result]:  # fmt: skip
+                       max_tokens: int, bias: dict[str, int] | None) -> list[Result]:  # fmt: skip
     """One chat: each turn resends the history; returns each turn's result."""
     messages, results = [], []
     for turn, question in enumerate(questions):
         content = [{"type": "image_url", "image_url": {"url": image}}, {"type": "text", "text": question}]
         messages.append({"role": "user", "content": content if turn == 0 else question})
         body = {"messages": list(messages), "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0.0}
+        if bias:
+            body["logit_bias"] = bias
         result = await send(client, base_url + "/v1/chat/completions", body, {})
         if not result.ok:
             raise RuntimeError(f"turn {turn + 1} failed: {result.error}")
@@ -62,11 +85,12 @@ async def conversation(client: httpx.AsyncClient, base_url: str, image: str, que
     return results
 
 
-async def run_all(base_url: str, images: list[str], plans: list[list[str]], max_tokens: int):
+async def run_all(base_url: str, images: list[str], plans: list[list[str]], max_tokens: int,
+                  bias: dict[str, int] | None):  # fmt: skip
     limits = httpx.Limits(max_connections=len(images) + 8, max_keepalive_connections=len(images) + 8)
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
         start = time.perf_counter()
-        chats = await asyncio.gather(*(conversation(client, base_url, image, plan, max_tokens)
+        chats = await asyncio.gather(*(conversation(client, base_url, image, plan, max_tokens, bias)
                                        for image, plan in zip(images, plans, strict=True)))  # fmt: skip
         return chats, time.perf_counter() - start
 
@@ -86,8 +110,8 @@ def measure(model: str, flags: tuple[str, ...], args, images: list[str], plans: 
                             threads=args.threads, flags=flags)  # fmt: skip
     try:
         warm = image_urls(1, seed=10_000)  # another image: one-time costs off the clock, nothing reused later
-        asyncio.run(run_all(base_url, warm, [plans[0][:2]], args.max_tokens))
-        chats, seconds = asyncio.run(run_all(base_url, images, plans, args.max_tokens))
+        asyncio.run(run_all(base_url, warm, [plans[0][:2]], args.max_tokens, args.bias))
+        chats, seconds = asyncio.run(run_all(base_url, images, plans, args.max_tokens, args.bias))
         counters = cache_counters(base_url)
     finally:
         proc.terminate()
@@ -104,6 +128,12 @@ def measure(model: str, flags: tuple[str, ...], args, images: list[str], plans: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=["bench", "demo"], default="bench")
+    parser.add_argument(
+        "--replies",
+        choices=["free", "words"],
+        default="words",
+        help="words: replies only of whole-word tokens (logit_bias), which survive the round trip",
+    )
     parser.add_argument("--conversations", type=int, default=16)
     parser.add_argument("--turns", type=int, default=5)
     parser.add_argument("--max-tokens", type=int, default=16)
@@ -113,12 +143,13 @@ def main() -> None:
     import idefics
 
     model = idefics.DEMO_MODEL if args.preset == "demo" else str(bench_model_folder())
+    args.bias = {str(i): 100 for i in word_tokens(model)} if args.replies == "words" else None
     rng = random.Random(args.seed)
     images = image_urls(args.conversations, args.seed)
     plans = [[rng.choice(QUESTIONS) for _ in range(args.turns)] for _ in images]
     off = measure(model, CACHES_OFF, args, images, plans)
     on = measure(model, (), args, images, plans)
-    print(f"\npreset={args.preset} conversations={args.conversations} turns={args.turns} "
+    print(f"\npreset={args.preset} replies={args.replies} conversations={args.conversations} turns={args.turns} "
           f"max_tokens={args.max_tokens} threads={args.threads}")  # fmt: skip
     print(f"{'':24}{'caches off':>12}{'caches on':>12}{'gain':>8}")
     for key in ("turn 1 TTFT p50 ms", "turn 1 TTFT mean ms", "turns 2+ TTFT p50 ms", "turns 2+ TTFT mean ms",

@@ -198,9 +198,10 @@ def test_loader_reads_row_and_column_slices(tmp_path, bf16):
 
 
 def test_engine_under_load_gives_each_request_its_one_process_tokens(tmp_path, reference_checkpoints):
-    """8 requests over 4 slots, then their second turns (prefix and image cache hits): each gets the tokens
-    generate() gives it in one process, and both ranks' caches made the same decisions."""
-    from tp_engine_worker import REQUESTS, encoded, second_turn
+    """8 requests over 4 slots, then their second turns (prefix and image cache hits), after 4 requests prefilled
+    in two batches whose first rows finish inside the prefill: each gets the tokens generate() gives it in one
+    process, and both ranks' caches made the same decisions."""
+    from tp_engine_worker import REQUESTS, TOGETHER, encoded, second_turn
 
     folder = reference_checkpoints(MODELS[0])[1]
     result = torchrun(str(HERE / "tp_engine_worker.py"), str(folder), str(tmp_path / "tokens.json"))
@@ -218,6 +219,8 @@ def test_engine_under_load_gives_each_request_its_one_process_tokens(tmp_path, r
         prompt = encoded(seed, length, images)
         assert got["first"][i] == alone(prompt, max_tokens), f"request {i}"
         assert got["second"][i] == alone(second_turn(prompt, got["first"][i], 4), max_tokens), f"request {i}, turn 2"
+    for i, (seed, length, images, max_tokens) in enumerate(TOGETHER):
+        assert got["together"][i] == alone(encoded(seed, length, images), max_tokens), f"request {i} of 4 together"
     ranks = [json.loads((tmp_path / f"tokens.json.rank{r}").read_text()) for r in range(2)]
     assert ranks[0] == ranks[1]
     assert ranks[0]["image_cache"]["hits"] > 0 and ranks[0]["prefix_hits"] > 0

@@ -136,6 +136,26 @@ def test_seeded_sampling_is_the_same_alone_and_under_load(tiny):
     assert other_seed.result()[0].token_ids != solo
 
 
+def test_logit_bias_changes_its_own_row_only(tiny):
+    # Three requests in one batch: one biased towards token 9, one with its greedy first token banned, one without.
+    prompts = [encoded(60 + i, 8 + i, i % 2) for i in range(3)]
+    plain = [alone(tiny, p, 6, ignore_eos=True) for p in prompts]
+    banned = plain[1][0]
+    biased = [SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logit_bias=bias)
+              for bias in ({9: 100.0}, {banned: -100}, None)]  # fmt: skip
+    engine = Engine(tiny, None, EngineConfig(max_batch_size=4))
+    streams = drive(engine, {0: [(i, p, params) for i, (p, params) in enumerate(zip(prompts, biased, strict=True))]})
+    got = [streams[i].result()[0].token_ids for i in range(3)]
+    assert got[0] == [9] * 6
+    assert banned not in got[1] and got[1] != plain[1]
+    assert got[2] == plain[2]
+    with pytest.raises(ValueError, match="logit_bias names token id 66, outside the model's 66 ids"):
+        engine.submit([5, 6], SamplingParams(logit_bias={66: 1.0}))
+    for bad in ({3: 101}, {-1: 1.0}, {3: float("nan")}, {"3": 1.0}, [3]):
+        with pytest.raises(ValueError, match="SamplingParams.logit_bias must be"):
+            SamplingParams(logit_bias=bad)
+
+
 def test_images_are_encoded_once_per_request_and_n_shares_the_prefill(tiny):
     calls = {"vision": 0, "perceiver": 0, "k_proj": 0}
     hooks = [

@@ -229,16 +229,18 @@ def test_width_groups_are_the_cheapest_split():
 def test_prompts_of_very_different_lengths_are_prefilled_in_batches_of_their_width(tiny, monkeypatch):
     # 6 short and 2 long prompts arrive together: two left-padded batches, not one padded to the longest; their next
     # turns (2 and 31 new positions) again in two right-aligned batches; every answer as generate() alone gives it.
-    # A pass costs 8 positions here (64 on CPU by default: more than this 64-position model's prompts could save)
+    # A pass costs 8 positions here (64 on CPU by default: more than this 64-position model's prompts could save).
+    # The narrow batch runs first and its rows have their first token before the wide batch starts.
     monkeypatch.setitem(prefill.PASS_COST, "cpu", 8)
     batches = []
+    engine = Engine(tiny, None, EngineConfig(max_batch_size=8, max_images_per_request=1, prefill_token_budget=4096))
     for name in ("prefill_batch", "slot_prefill"):
         real = getattr(prefill, name)
         monkeypatch.setattr(prefill, name, lambda model, *a, _real=real, _name=name:
-                            batches.append((_name, len(a[0] if _name == "prefill_batch" else a[1]))) or
+                            batches.append((_name, len(a[0] if _name == "prefill_batch" else a[1]),
+                                            sum(len(r.tokens) for r in engine._rows.values()))) or
                             _real(model, *a))  # fmt: skip
     prompts = {c: encoded(20 + c, 9 if c < 6 else 20, 1) for c in range(8)}
-    engine = Engine(tiny, None, EngineConfig(max_batch_size=8, max_images_per_request=1, prefill_token_budget=4096))
     params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
     for turn in range(2):
         streams = {c: engine.submit(p, params) for c, p in prompts.items()}
@@ -248,7 +250,32 @@ def test_prompts_of_very_different_lengths_are_prefilled_in_batches_of_their_wid
             tokens = stream.result()[0].token_ids
             assert tokens == alone(tiny, prompts[c], 4, ignore_eos=True), (turn, c)
             prompts[c] = next_turn(prompts[c], tokens, 30 + c, 1 if c < 6 else 30)
-    assert sorted(batches) == [("prefill_batch", 2), ("prefill_batch", 6), ("slot_prefill", 2), ("slot_prefill", 6)]
+    assert batches == [("prefill_batch", 6, 0), ("prefill_batch", 2, 6), ("slot_prefill", 6, 0), ("slot_prefill", 2, 6)]
+
+
+def test_rows_done_at_their_first_token_free_their_slots_after_the_whole_prefill(tiny, monkeypatch):
+    # One token each: the narrow batch's rows finish inside the prefill; their slots are released once it is over
+    # (on a tensor-parallel model the other ranks are still in it), then serve the next requests.
+    monkeypatch.setitem(prefill.PASS_COST, "cpu", 8)
+    engine = Engine(tiny, None, EngineConfig(max_batch_size=4, max_images_per_request=1, prefill_token_budget=4096))
+    free = []
+    real = prefill.prefill_batch
+    monkeypatch.setattr(prefill, "prefill_batch", lambda model, *a: free.append(engine.slots.free) or
+                        real(model, *a))  # fmt: skip
+    prompts = [encoded(50 + c, 6 if c < 3 else 24, 1) for c in range(4)]
+    one = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+    streams = [engine.submit(p, one) for p in prompts]
+    while engine.step():
+        pass
+    assert free == [0, 0]  # the 3 short rows were done before the long batch, their slots not yet free
+    assert engine.slots.free == 4 and not engine._rows
+    for p, stream in zip(prompts, streams, strict=True):
+        assert stream.result()[0].token_ids == alone(tiny, p, 1, ignore_eos=True)
+    again = [engine.submit(p, SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)) for p in prompts]
+    while engine.step():
+        pass
+    for p, stream in zip(prompts, again, strict=True):
+        assert stream.result()[0].token_ids == alone(tiny, p, 3, ignore_eos=True)
 
 
 def test_a_next_turn_in_its_own_slot_keeps_the_slots_image_kv(tiny, monkeypatch):

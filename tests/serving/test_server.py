@@ -1,5 +1,5 @@
 """`idefics serve` on the demo model, driven by the official `openai` client over loopback: answers, streaming,
-usage, n, logprobs, completions with a raw prompt, file:// images, and 24 concurrent clients."""
+usage, n, logprobs, logit_bias, completions with a raw prompt, file:// images, and 24 concurrent clients."""
 
 import asyncio
 
@@ -7,6 +7,8 @@ import httpx
 import openai
 import pytest
 from server_process import BLUE_TRIANGLE, EXAMPLES, RED_CIRCLE, ServerProcess, ask
+
+import idefics
 
 KEY = "test-key"
 
@@ -75,6 +77,15 @@ def test_sampling_with_a_seed_repeats(client):
         model="demo", messages=ask("Describe the image."), temperature=1.5, seed=7, max_tokens=8
     )
     assert first == "A red circle." and again.choices[0].message.content == same.choices[0].message.content
+
+
+def test_logit_bias_forces_and_bans_tokens(client):
+    tokenizer = idefics.IdeficsProcessor.from_pretrained(idefics.DEMO_MODEL).tokenizer
+    blue, red = (tokenizer(" " + word, add_special_tokens=False)["input_ids"][-1] for word in ("blue", "red"))
+    forced = chat(client, ask("Describe the image."), max_tokens=3, logit_bias={str(blue): 100})
+    assert forced.choices[0].message.content == "blue blue blue"
+    banned = chat(client, ask("Describe the image."), max_tokens=6, logit_bias={red: -100}).choices[0].message.content
+    assert banned.startswith("A ") and "red" not in banned  # "A red circle." without its likeliest second token
 
 
 def test_completions_with_a_raw_prompt_and_images(client, server):

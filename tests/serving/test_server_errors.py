@@ -99,6 +99,9 @@ BAD_REQUESTS = {  # name -> (path, JSON body or raw bytes, expected status, part
     "n = 0": ("chat", chat_body(n=0), 400, "n"),
     "min_tokens over max_tokens": ("chat", chat_body(min_tokens=20), 400, "min_tokens"),
     "empty stop string": ("chat", chat_body(stop=[""]), 400, "stop"),
+    "logit_bias key not a token id": ("chat", chat_body(logit_bias={"red": 5}), 400, "token ids, got 'red'"),
+    "logit_bias value over 100": ("chat", chat_body(logit_bias={"7": 101}), 400, "got 101.0 for token 7"),
+    "logit_bias id outside the vocabulary": ("chat", chat_body(logit_bias={"100000": 1}), 400, "token id 100000"),
     "unknown model": ("chat", chat_body(model="gpt-4"), 404, "'gpt-4' does not exist"),
     "body too large": ("chat", chat_body(padding="x" * 1_100_000), 413, "over the limit of 1000000"),
     "image markers and images differ": (

@@ -132,6 +132,7 @@ class Engine:
         self.scheduler = Scheduler(max_queue=config.max_queue, prefill_token_budget=config.prefill_token_budget)
         self.metrics = EngineMetrics()
         self._rows: dict[int, Row] = {}  # slot -> row (engine thread only)
+        self._deferred: list[int] | None = None  # slots freed during a prefill, released after it
         self._running_requests = 0
         self._cond = threading.Condition()
         self._cancelled: set[RequestStream] = set()
@@ -198,6 +199,10 @@ class Engine:
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
         if params.n > self.slots.num_slots:
             raise ValueError(f"SamplingParams.n is {params.n} but the engine has {self.slots.num_slots} slots")
+        outside = sorted(k for k in params.logit_bias or {} if k >= self.vocab_size)
+        if outside:
+            raise ValueError(f"SamplingParams.logit_bias names token id {outside[0]}, outside the model's "
+                             f"{self.vocab_size} ids")  # fmt: skip
         inputs = encode_prompt(prompt, self.processor, vocab_size=self.vocab_size, device=self.device)
         if inputs.num_images > self.config.max_images_per_request:
             raise ValueError(f"the prompt has {inputs.num_images} images; this engine takes at most "
@@ -331,19 +336,30 @@ class Engine:
         with self._cond:
             return [self.slots.allocate(r.params.n, r.record) for r in requests]
 
-    def _prefill(self, requests: list[Request], slots: list[list[int]], *, allocated: bool = False) -> torch.Tensor:
+    def _prefill(self, requests: list[Request], slots: list[list[int]], *, allocated: bool = False,
+                 emit=None) -> torch.Tensor:  # fmt: skip
         """Prefill `requests` into their `slots` (allocated by `_allocate` just before, when `allocated`); returns
-        each request's next-token logits (b, v)."""
+        each request's next-token logits (b, v), and hands each batch of them to `emit` as it is done (slots that
+        its rows free are released after the whole prefill: the other ranks are still in it)."""
         if self._channel is not None and not self.follower:
             fields, tensors = encode_requests(requests)
             self._broadcast("prefill", {"requests": fields, "slots": slots, "allocate": allocated}, tensors)
-        return prefill_into(self.model, self.slots, requests, slots, self.image_cache)
+        self._deferred = []
+        try:
+            return prefill_into(self.model, self.slots, requests, slots, self.image_cache, emit)
+        finally:
+            deferred, self._deferred = self._deferred, None
+            for slot in deferred:
+                self._release(slot)
 
     def _forget(self, slot: int) -> None:
         self._broadcast("forget", {"slot": slot})
         self.slots.forget(slot)
 
     def _release(self, slot: int) -> None:
+        if self._deferred is not None:
+            self._deferred.append(slot)
+            return
         self._broadcast("release", {"slot": slot})
         self.slots.release(slot)
 
@@ -399,22 +415,33 @@ class Engine:
         if not requests:
             return
         slots = self._allocate(requests)  # only this thread changes the slots: no other admission in between
+        started: set[int] = set()
+        starting = False
+
+        def emit(indices: list[int], logits: torch.Tensor) -> None:  # a batch's first tokens, as soon as it is done
+            nonlocal starting
+            starting = True
+            started.update(indices)
+            self._start([requests[i] for i in indices], [slots[i] for i in indices], logits)
+            starting = False
+
         try:
-            logits = self._prefill(requests, slots, allocated=True)
-        except Exception:  # one bad request must not fail the others: prefill each alone to find it
-            for group in slots:
-                for slot in group:
+            self._prefill(requests, slots, allocated=True, emit=emit)
+        except Exception:  # one bad request must not fail the others: prefill each not started alone to find it
+            if starting:  # not the prefill: handing out tokens failed, as it would have after it
+                raise
+            left = [i for i in range(len(requests)) if i not in started]
+            for i in left:
+                for slot in slots[i]:
                     self._forget(slot)
-            if len(requests) == 1:
-                self._fail_prefill(requests[0], slots[0])
+            if len(left) == 1:
+                self._fail_prefill(requests[left[0]], slots[left[0]])
                 return
-            for request, group in zip(requests, slots, strict=True):
+            for i in left:
                 try:
-                    self._start([request], [group], self._prefill([request], [group]))
+                    self._start([requests[i]], [slots[i]], self._prefill([requests[i]], [slots[i]]))
                 except Exception:
-                    self._fail_prefill(request, group)
-            return
-        self._start(requests, slots, logits)
+                    self._fail_prefill(requests[i], slots[i])
 
     def _prefill_cost(self, requests: list[Request]) -> int:
         """Positions prefilled for these requests, padding included: the left-padded batches of those prefilled

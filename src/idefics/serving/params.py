@@ -51,6 +51,7 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; k: the chosen token's logprob and the k likeliest alternatives
     skip_special_tokens: bool = True  # leave special tokens out of the text
     constraint: Constraint | None = None  # structured output (JSON schema / object, regex, choice); None: free text
+    logit_bias: dict[int, float] | None = None  # token id -> a number in [-100, 100] added to its logit every step
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -74,6 +75,9 @@ class SamplingParams:
                                                    and 0 <= self.logprobs <= MAX_LOGPROBS),
              f"None or an integer in [0, {MAX_LOGPROBS}]"),
             ("constraint", self.constraint is None or isinstance(self.constraint, Constraint), "a Constraint or None"),
+            ("logit_bias", self.logit_bias is None or isinstance(self.logit_bias, dict) and all(
+                isinstance(k, int) and not isinstance(k, bool) and k >= 0 and _number(v) and -100 <= v <= 100
+                for k, v in self.logit_bias.items()), "None or a dict of token ids to numbers in [-100, 100]"),
         ]  # fmt: skip
         for name, ok, expected in checks:
             if not ok:

@@ -1,8 +1,8 @@
 """The OpenAI API's request and response bodies as pydantic models: all request validation happens here.
 
-Requests follow OpenAI's chat and completions schemas plus the sampling extras vLLM users send (`top_k`,
-`min_tokens`, `repetition_penalty`, `ignore_eos`, `stop_token_ids`, `skip_special_tokens`); unknown fields are
-ignored. Structured outputs: OpenAI's `response_format` (chat) and vLLM's `structured_outputs` and older
+Requests follow OpenAI's chat and completions schemas (`logit_bias` included) plus the sampling extras vLLM users
+send (`top_k`, `min_tokens`, `repetition_penalty`, `ignore_eos`, `stop_token_ids`, `skip_special_tokens`); unknown
+fields are ignored. Structured outputs: OpenAI's `response_format` (chat) and vLLM's `structured_outputs` and older
 `guided_json` / `guided_regex` / `guided_choice` (both endpoints), at most one per request. `/v1/completions`
 takes one raw IDEFICS prompt in which each `<image>` marks where the next of `images` (data URIs or URLs) goes.
 Responses and stream chunks have exactly OpenAI's shape, so official clients parse them.
@@ -107,6 +107,7 @@ class SamplingRequest(Request):
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    logit_bias: dict[str, float] | None = None  # OpenAI's: token id (a JSON key, so a string) -> [-100, 100]
     # vLLM's extras
     top_k: int = Field(0, ge=-1, le=INT32)  # 0 or -1: off
     min_tokens: int = Field(0, ge=0, le=INT32)
@@ -127,6 +128,16 @@ class SamplingRequest(Request):
         if any(not stop for stop in stops):
             raise ValueError("stop strings must not be empty")
         return stops
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for key, bias in (value or {}).items():
+            if not key.strip().isdigit() or int(key) > INT32:
+                raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {bias} for token {key}")
+        return value
 
     @property
     def include_usage(self) -> bool:
@@ -150,6 +161,7 @@ class SamplingRequest(Request):
             logprobs=logprobs,
             skip_special_tokens=self.skip_special_tokens,
             constraint=self.constraint(),
+            logit_bias={int(k): float(v) for k, v in self.logit_bias.items()} if self.logit_bias else None,
         )
 
     def constraints(self) -> list[Constraint]:

@@ -166,10 +166,16 @@ class Row:
     last_token: float | None = None
     admitted: float = 0.0
     grammar: GrammarState | None = None  # this choice's position in the request's constraint
+    bias: tuple[torch.Tensor, torch.Tensor] | None = None  # the request's logit bias: ids (k,), values (k,) float32
 
     def __post_init__(self) -> None:
         if self.request.grammar is not None and self.grammar is None:
             self.grammar = self.request.grammar.start(self.eos)
+        if self.params.logit_bias and self.bias is None:
+            device = self.request.input_ids.device
+            ids, values = zip(*self.params.logit_bias.items(), strict=True)
+            self.bias = (torch.tensor(ids, device=device),
+                         torch.tensor(values, dtype=torch.float32, device=device))  # fmt: skip
 
     @property
     def params(self) -> SamplingParams:
@@ -185,6 +191,7 @@ class Row:
             banned=sorted(self.eos) if len(self.tokens) < p.min_tokens else [],
             generator=self.generator,
             logprobs=p.logprobs,
+            bias=self.bias,
         )
 
     def timings(self, now: float) -> dict[str, float]:

@@ -1,9 +1,10 @@
 """Per-row next-token choice for one batched step: every row brings its own sampling parameters.
 
-The processors are those of `generation/processors.py` in the same order (repetition penalty, EOS ban until
-min_tokens, then for sampled rows temperature, top-k, top-p), vectorised with per-row values; each op is the identity
-on a row whose parameter is off (x * 1, x / 1), so a greedy row picks what `generate()` picks for it alone. Rows with
-a seed draw from their own torch.Generator, one row at a time, so their tokens do not depend on the other rows.
+The processors are those of `generation/processors.py` in the same order (repetition penalty, then a request's
+logit bias, the EOS ban until min_tokens, then for sampled rows temperature, top-k, top-p), vectorised with per-row
+values; each op is the identity on a row whose parameter is off (x * 1, x / 1), so a greedy row picks what
+`generate()` picks for it alone. Rows with a seed draw from their own torch.Generator, one row at a time, so their
+tokens do not depend on the other rows.
 
 Legend: A rows sampled this step, v vocabulary, k logprob alternatives.
 """
@@ -28,18 +29,25 @@ class RowSampling:
     banned: list[int]  # ids banned this step (EOS while fewer than min_tokens were generated)
     generator: torch.Generator | None  # a seeded row's own generator
     logprobs: int | None
+    bias: tuple[torch.Tensor, torch.Tensor] | None = None  # (ids (k,), values (k,)) added to the row's logits
 
 
 def choose(
     logits: torch.Tensor, rows: list[RowSampling], *, seen: torch.Tensor | None, generator: torch.Generator | None
 ) -> tuple[list[int], torch.Tensor | None]:
     """logits (A, v) float32 -> the chosen ids (host list) and, when a row asks for logprobs, log_softmax (A, v)
-    of the raw logits. seen (A, v) bool: tokens in each row's prompt and generation (needed for penalties)."""
+    of the raw logits (before any bias, penalty or warping, as vLLM's). seen (A, v) bool: tokens in each row's
+    prompt and generation (needed for penalties)."""
     device = logits.device
     scores = logits
     if any(r.repetition_penalty != 1.0 for r in rows):
         penalty = torch.tensor([r.repetition_penalty for r in rows], device=device)[:, None]  # (A, 1)
         scores = repetition_penalty(scores, seen, penalty)
+    if any(r.bias is not None for r in rows):
+        scores = scores.clone()
+        for i, r in enumerate(rows):
+            if r.bias is not None:
+                scores[i].index_add_(0, *r.bias)
     if any(r.banned for r in rows):
         scores = scores.clone()
         for i, r in enumerate(rows):

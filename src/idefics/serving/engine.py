@@ -3,8 +3,9 @@
 Each iteration of the engine thread: apply cancellations, run one decode step over every running row at once
 (slots 0..B-1 of the slot cache, each row at its own position), hand each row its token, free the rows that
 finished, then admit waiting requests within the prefill token budget: they are prefilled together (prefill.py:
-left-padded into one batch, all their images through the vision tower and perceiver in one call, image K/V once per
-request), copied into their slot(s) (n of them for n choices) and join the next decode step. Requests are
+left-padded into batches of similar width, narrowest first, all their images through the vision tower and perceiver
+in one call, image K/V once per request), copied into their slot(s) (n of them for n choices) and join the next
+decode step; each batch's first tokens are handed out as soon as it is done. Requests are
 tokenised, their images preprocessed and hashed and their structured-output constraint compiled (cached per
 constraint) in the submitting thread, so bad input fails at `submit` and a slow compile never stalls the decode
 steps. A constrained row's logits are masked to its grammar's allowed tokens where its token is chosen (`_emit`),

@@ -47,7 +47,7 @@ from .inputs import encode_prompt
 from .metrics import EngineMetrics
 from .openmp import release_openmp_team
 from .params import ContextLengthError, EngineDraining, SamplingParams
-from .prefill import padded_tokens, pass_cost, prefill_into
+from .prefill import Emit, padded_tokens, pass_cost, prefill_into
 from .prefix import PREFIX_MIN_TOKENS, prompt_record
 from .replicas import Channel, DivergedError, decode_requests, encode_requests, heartbeat_interval
 from .requests import Request, RequestStream, Row, make_deltas
@@ -338,7 +338,7 @@ class Engine:
             return [self.slots.allocate(r.params.n, r.record) for r in requests]
 
     def _prefill(self, requests: list[Request], slots: list[list[int]], *, allocated: bool = False,
-                 emit=None) -> torch.Tensor:  # fmt: skip
+                 emit: Emit | None = None) -> torch.Tensor:  # fmt: skip
         """Prefill `requests` into their `slots` (allocated by `_allocate` just before, when `allocated`); returns
         each request's next-token logits (b, v), and hands each batch of them to `emit` as it is done (slots that
         its rows free are released after the whole prefill: the other ranks are still in it)."""

@@ -1,10 +1,10 @@
 """Per-row next-token choice for one batched step: every row brings its own sampling parameters.
 
-The processors are those of `generation/processors.py` in the same order (repetition penalty, then a request's
-logit bias, the EOS ban until min_tokens, then for sampled rows temperature, top-k, top-p), vectorised with per-row
-values; each op is the identity on a row whose parameter is off (x * 1, x / 1), so a greedy row picks what
-`generate()` picks for it alone. Rows with a seed draw from their own torch.Generator, one row at a time, so their
-tokens do not depend on the other rows.
+The processors are those of `generation/processors.py` in the same order (repetition penalty, EOS ban until
+min_tokens, then for sampled rows temperature, top-k, top-p; between the first two, a request's logit bias, which
+`generate()` does not take), vectorised with per-row values; each op is the identity on a row whose parameter is
+off (x * 1, x / 1), so a greedy row picks what `generate()` picks for it alone. Rows with a seed draw from their own
+torch.Generator, one row at a time, so their tokens do not depend on the other rows.
 
 Legend: A rows sampled this step, v vocabulary, k logprob alternatives.
 """
@@ -43,14 +43,11 @@ def choose(
     if any(r.repetition_penalty != 1.0 for r in rows):
         penalty = torch.tensor([r.repetition_penalty for r in rows], device=device)[:, None]  # (A, 1)
         scores = repetition_penalty(scores, seen, penalty)
-    if any(r.bias is not None for r in rows):
-        scores = scores.clone()
+    if any(r.bias is not None or r.banned for r in rows):
+        scores = scores.clone() if scores is logits else scores  # the raw logits stay for the logprobs
         for i, r in enumerate(rows):
             if r.bias is not None:
                 scores[i].index_add_(0, *r.bias)
-    if any(r.banned for r in rows):
-        scores = scores.clone()
-        for i, r in enumerate(rows):
             if r.banned:
                 scores[i, r.banned] = -float("inf")
     sampled = [i for i, r in enumerate(rows) if r.temperature > 0]
